@@ -1,0 +1,87 @@
+"""peftjax: parameter-efficient fine-tuning for JAX/Flax as pure pytree transforms.
+
+Adapters (LoRA, DoRA, LoHa, LoKr, IA3, LN tuning) live in the params tree; every transform
+returns a new tree and leaves its input unchanged. The math and files are HF PEFT's.
+"""
+
+from .config import (
+    IA3Config as IA3Config,
+    LNTuningConfig as LNTuningConfig,
+    LoHaConfig as LoHaConfig,
+    LoKrConfig as LoKrConfig,
+    LoraConfig as LoraConfig,
+    config_from_dict as config_from_dict,
+)
+from .errors import (
+    AdapterNameError as AdapterNameError,
+    ConfigError as ConfigError,
+    FormatError as FormatError,
+    MergeError as MergeError,
+    PeftJaxError as PeftJaxError,
+    ShapeError as ShapeError,
+    TargetError as TargetError,
+    UnsupportedModuleError as UnsupportedModuleError,
+)
+from .layout import Layout as Layout
+from .methods import factorization as factorization
+from .node import Adapted as Adapted
+from .training import (
+    combine as combine,
+    count_parameters as count_parameters,
+    partition as partition,
+    print_trainable_parameters as print_trainable_parameters,
+    summary as summary,
+    trainable_mask as trainable_mask,
+)
+from .transforms import (
+    active as active,
+    adapter_names as adapter_names,
+    delete as delete,
+    inject as inject,
+    merge as merge,
+    merge_and_unload as merge_and_unload,
+    set_active as set_active,
+    targeted_modules as targeted_modules,
+    unload as unload,
+    unmerge as unmerge,
+)
+
+__version__ = "0.1.0"
+
+__all__ = sorted(
+    [
+        "Adapted",
+        "AdapterNameError",
+        "ConfigError",
+        "FormatError",
+        "IA3Config",
+        "LNTuningConfig",
+        "Layout",
+        "LoHaConfig",
+        "LoKrConfig",
+        "LoraConfig",
+        "MergeError",
+        "PeftJaxError",
+        "ShapeError",
+        "TargetError",
+        "UnsupportedModuleError",
+        "active",
+        "adapter_names",
+        "combine",
+        "config_from_dict",
+        "count_parameters",
+        "delete",
+        "factorization",
+        "inject",
+        "merge",
+        "merge_and_unload",
+        "partition",
+        "print_trainable_parameters",
+        "set_active",
+        "summary",
+        "targeted_modules",
+        "trainable_mask",
+        "unload",
+        "unmerge",
+    ]
+)

@@ -1,0 +1,149 @@
+"""How a weight array is read as a matrix: dense, conv or embedding, with stacked layer axes.
+
+Every method works on a *matrix view* of a weight, in Flax orientation ``(in, out)``:
+
+* ``dense``: shape ``(*stack, *in_axes, *out_axes)`` with ``n_in`` input axes. The view is
+  ``W.reshape(*stack, prod(in_axes), prod(out_axes))``, i.e. row-major flattening. This is how a
+  Flax ``DenseGeneral``/``Einsum`` kernel such as ``(embed, heads, head_dim)`` corresponds to a
+  torch ``Linear(embed, heads * head_dim)`` (HF's Flax<->torch converters reshape this way), so
+  adapters stay PEFT-compatible.
+* ``conv``: shape ``(*stack, *spatial, in, out)`` (Flax ``Conv``). The view is
+  ``(in * prod(spatial), out)`` with index order ``(in, *spatial)``, the transpose of PEFT's
+  ``weight.flatten(1)`` of a torch ``(out, in, *spatial)`` weight.
+* ``embed``: shape ``(*stack, vocab, features)`` (Flax ``Embed``); the view is the table itself.
+
+``stack`` counts leading axes of stacked (scanned) layers, ``(L, in, out)`` for ``nn.scan``;
+each layer gets its own adapter slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import UnsupportedModuleError
+
+KINDS = ("dense", "conv", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How to read one weight array.
+
+    Args:
+      kind: ``"dense"``, ``"conv"`` or ``"embed"``.
+      stack: number of leading stacked-layer axes (``1`` for ``nn.scan`` / ``nnx.scan`` trees).
+      n_in: for ``dense``, how many axes after the stack axes are input (contracted) axes.
+    """
+
+    kind: str = "dense"
+    stack: int = 0
+    n_in: int = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UnsupportedModuleError(f"Layout `kind={self.kind!r}`: must be one of {KINDS}.")
+        if self.stack < 0 or self.n_in < 1:
+            raise UnsupportedModuleError(
+                f"Layout needs `stack >= 0` and `n_in >= 1`, got stack={self.stack}, n_in={self.n_in}."
+            )
+
+    def check(self, shape: tuple[int, ...], path: str) -> None:
+        nd = len(shape) - self.stack
+        need = {"dense": self.n_in + 1, "conv": 3, "embed": 2}[self.kind]
+        if nd < need or (self.kind == "embed" and nd != 2) or (self.kind == "conv" and nd > 5):
+            raise UnsupportedModuleError(
+                f"module `{path}`: a weight of shape {shape} cannot be read as {self}; "
+                "pass `layouts=` to `inject` to say which axes are stacked layers and inputs."
+            )
+
+    # --- matrix view --------------------------------------------------------------------
+    def layer_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[self.stack :])
+
+    def stack_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(shape[: self.stack])
+
+    def in_out(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(in_features, out_features) of one layer's matrix view."""
+        s = self.layer_shape(shape)
+        if self.kind == "dense":
+            return math.prod(s[: self.n_in]), math.prod(s[self.n_in :])
+        if self.kind == "conv":
+            return math.prod(s[:-1]), s[-1]
+        return s[0], s[1]
+
+    def spatial(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(self.layer_shape(shape)[:-2]) if self.kind == "conv" else ()
+
+    def to_matrix(self, w, shape: tuple[int, ...] | None = None):
+        """One layer's weight (no stack axes) -> ``(in, out)`` matrix."""
+        import jax.numpy as jnp
+
+        if self.kind == "conv":
+            nsp = w.ndim - 2
+            perm = (nsp,) + tuple(range(nsp)) + (nsp + 1,)
+            return jnp.transpose(w, perm).reshape(-1, w.shape[-1])
+        if self.kind == "dense":
+            return w.reshape(math.prod(w.shape[: self.n_in]), -1)
+        return w
+
+    def from_matrix(self, m, layer_shape: tuple[int, ...]):
+        """Inverse of `to_matrix` for one layer."""
+        import jax.numpy as jnp
+
+        if self.kind == "conv":
+            sp, cin, cout = layer_shape[:-2], layer_shape[-2], layer_shape[-1]
+            t = m.reshape((cin, *sp, cout))
+            nsp = len(sp)
+            perm = tuple(range(1, nsp + 1)) + (0, nsp + 1)
+            return jnp.transpose(t, perm)
+        return m.reshape(layer_shape)
+
+
+def infer_layout(path: str, leaf_name: str, shape: tuple[int, ...]) -> Layout | None:
+    """The default layout of a weight leaf, or ``None`` when its shape is ambiguous.
+
+    2-D leaves are dense (``embedding`` leaves are embeddings); 4-D ``kernel`` leaves are 2-D convs;
+    3-D leaves are ambiguous (stacked dense, DenseGeneral or 1-D conv) and need ``layouts=``.
+    """
+    nd = len(shape)
+    if leaf_name == "embedding":
+        return Layout("embed", stack=nd - 2) if nd >= 2 else None
+    if nd == 2:
+        return Layout("dense")
+    if nd == 4 and leaf_name == "kernel":
+        return Layout("conv")
+    return None
+
+
+LayoutSpec = Mapping[str, Layout] | Callable[[str, Any], "Layout | None"] | Layout | None
+
+
+def resolve_layout(layouts: LayoutSpec, path: str, leaf_name: str, leaf) -> Layout:
+    """Pick the layout of one weight: from `layouts` (regex -> Layout, callable, or one Layout)."""
+    import re
+
+    shape = tuple(leaf.shape)
+    lay: Layout | None = None
+    if isinstance(layouts, Layout):
+        lay = layouts
+    elif callable(layouts):
+        lay = layouts(path, leaf)
+    elif layouts:
+        for pat, cand in layouts.items():
+            if re.fullmatch(pat, path) or path == pat or path.endswith("." + pat):
+                lay = cand
+                break
+    if lay is None:
+        lay = infer_layout(path, leaf_name, shape)
+    if lay is None:
+        raise UnsupportedModuleError(
+            f"module `{path}`: cannot tell how to read weight `{leaf_name}` of shape {shape} "
+            "(3-D and higher weights may be stacked layers, DenseGeneral kernels or 1-D convs). "
+            "Pass e.g. `layouts={'" + path.split('.')[-1] + "': pj.Layout('dense', stack=1)}` to `inject`."
+        )
+    lay.check(shape, path)
+    return lay

@@ -1,0 +1,170 @@
+"""What every method provides, and the machinery that runs a per-layer rule over stacked layers.
+
+A method's *spec* is a frozen, hashable dataclass of static metadata (rank, scaling, layout...)
+kept in the pytree's aux data; the adapter's arrays are pytree children. Specs hold no arrays.
+
+All per-layer rules work on one layer's weight (stack axes removed) and receive ``scale``, a
+scalar that may be traced: it is the layer's scaling factor, and ``0`` for a layer excluded by
+``layers_to_transform`` (the rule then must leave that layer's weight exactly unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..layout import Layout
+
+Arrays = dict[str, Any]
+
+
+def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
+    """torch's ``kaiming_uniform_(w, a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """Static description of one adapter on one weight leaf.
+
+    Attributes:
+      layout: how the base weight is read as a matrix.
+      shape: the base weight's shape.
+      scaling: one scaling factor per stacked layer (a 1-tuple when not stacked); ``0`` turns a
+        layer off (``layers_to_transform``).
+    """
+
+    layout: Layout
+    shape: tuple[int, ...]
+    scaling: tuple[float, ...]
+
+    method: ClassVar[str] = "?"
+    #: the forward rule reads the base output ``y`` and so must come first in a chain
+    needs_base_output: ClassVar[bool] = False
+    #: rule has a factored matrix forward (`linear_forward`); otherwise the delta is built
+    factored: ClassVar[bool] = True
+
+    # ---- to implement -------------------------------------------------------------------
+    def init_layer(self, key, w_layer, scale, dtype) -> Arrays:
+        """One layer's arrays, initialised as PEFT does (``w_layer`` is the base weight)."""
+        raise NotImplementedError
+
+    def delta_matrix(self, arrays: Arrays, scale):
+        """One layer's float32 delta on the ``(in, out)`` matrix view (additive methods)."""
+        raise NotImplementedError
+
+    def delta_layer(self, arrays: Arrays, scale):
+        """One layer's float32 delta in the base weight's own layer shape."""
+        return self.from_matrix(self.delta_matrix(arrays, scale))
+
+    def merge_layer(self, w32, arrays: Arrays, scale):
+        """Fold the adapter into one layer's float32 weight; returns ``(w32, arrays)``."""
+        return w32 + self.delta_layer(arrays, scale), arrays
+
+    def unmerge_layer(self, w32, arrays: Arrays, scale):
+        return w32 - self.delta_layer(arrays, scale), arrays
+
+    def linear_forward(self, x2, y2, arrays: Arrays, w2, scale, rng):
+        """Adapted output of ``x2 @ W`` on the matrix view: ``x2 (..., in)``, ``y2 (..., out)``.
+
+        ``y2`` is the output so far; ``w2`` is the base matrix (``None`` unless
+        `needs_base_output` or the method asks for it); ``rng`` is ``None`` outside training.
+        """
+        raise NotImplementedError
+
+    # ---- shared --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return math.prod(self.layout.stack_shape(self.shape))
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.layout.layer_shape(self.shape)
+
+    @property
+    def in_out(self) -> tuple[int, int]:
+        return self.layout.in_out(self.shape)
+
+    def scale_array(self):
+        return jnp.asarray(np.asarray(self.scaling, np.float32))
+
+    def describe(self) -> str:
+        return self.method
+
+    def init(self, key, base, dtype=jnp.float32) -> Arrays:
+        """Arrays for every stacked layer (stack axes leading), from the base weight."""
+        stack = self.layout.stack_shape(self.shape)
+        w32 = jnp.asarray(base, jnp.float32)
+        if not stack:
+            return self.init_layer(key, w32, jnp.float32(self.scaling[0]), dtype)
+        n = self.n_layers
+        keys = jax.random.split(key, n)
+        flat_w = w32.reshape((n,) + self.layer_shape)
+        fn = lambda k, w, s: self.init_layer(k, w, s, dtype)
+        out = jax.vmap(fn)(keys, flat_w, self.scale_array())
+        return {k: v.reshape(stack + v.shape[1:]) for k, v in out.items()}
+
+    def _over_layers(self, fn, w, arrays: Arrays):
+        """Run ``fn(w_layer, arrays_layer, scale) -> (w_layer, arrays_layer)`` on each layer."""
+        stack = self.layout.stack_shape(self.shape)
+        if not stack:
+            return fn(w, arrays, jnp.float32(self.scaling[0]))
+        n = self.n_layers
+        flat_w = w.reshape((n,) + w.shape[len(stack) :])
+        flat_a = {k: v.reshape((n,) + v.shape[len(stack) :]) for k, v in arrays.items()}
+        out_w, out_a = jax.vmap(fn)(flat_w, flat_a, self.scale_array())
+        return out_w.reshape(w.shape), {k: v.reshape(stack + v.shape[1:]) for k, v in out_a.items()}
+
+    def merge(self, w32, arrays: Arrays):
+        return self._over_layers(self.merge_layer, w32, arrays)
+
+    def unmerge(self, w32, arrays: Arrays):
+        return self._over_layers(self.unmerge_layer, w32, arrays)
+
+    def trainable_count(self, arrays: Arrays) -> int:
+        return int(sum(np.prod(v.shape) for v in arrays.values()))
+
+    # helpers for the matrix view of one layer
+    def to_matrix(self, w_layer):
+        return self.layout.to_matrix(w_layer)
+
+    def from_matrix(self, m):
+        return self.layout.from_matrix(m, self.layer_shape)
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout as torch's ``nn.Dropout`` (off when ``rng`` is None or rate is 0)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+
+def rank_dropout_mask(rng, n: int, rate: float, rescale: bool):
+    """LyCORIS rank dropout: keep each output unit with prob ``1 - rate`` (PEFT: ``rand > rate``)."""
+    keep = (jax.random.uniform(rng, (n,)) > rate).astype(jnp.float32)
+    if rescale:
+        keep = keep / jnp.maximum(keep.mean(), 1e-12)
+    return keep
+
+
+def lycoris_dropout(y_delta, rng, rank_dropout: float, module_dropout: float, rescale: bool):
+    """Apply rank dropout (per output unit) and module dropout (whole adapter) to ``x @ dW``."""
+    if rng is None:
+        return y_delta
+    k1, k2 = jax.random.split(rng)
+    if rank_dropout > 0:
+        y_delta = y_delta * rank_dropout_mask(k1, y_delta.shape[-1], rank_dropout, rescale).astype(
+            y_delta.dtype
+        )
+    if module_dropout > 0:
+        keep = jax.random.uniform(k2, ()) >= module_dropout
+        y_delta = jnp.where(keep, y_delta, jnp.zeros_like(y_delta))
+    return y_delta

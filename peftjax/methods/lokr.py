@@ -1,0 +1,171 @@
+"""LoKr (low-rank Kronecker product), as HF PEFT 0.21 (``peft/tuners/lokr/layer.py``).
+
+PEFT factors ``out = a * b`` and ``in = c * d`` with `factorization`, and builds
+``dW = kron(w1 [a, c], w2 [b, d]) * scale``. Here every 2-D array is stored transposed (Flax
+orientation), so ``dW^T = kron(w1^T, w2^T)`` is the ``(in, out)`` delta:
+
+* ``lokr_w1 (c, a)``, or ``lokr_w1_b (c, r) @ lokr_w1_a (r, a)`` (decomposed, ``decompose_both``
+  and ``r < max(a, c) / 2``);
+* ``lokr_w2 (d, b)`` (conv: ``(kh, kw, d, b)``), or ``lokr_w2_b (d * kh * kw, r) @ lokr_w2_a (r, b)``
+  (decomposed when ``r < max(b, d) / 2``).
+
+A conv's ``in`` is its channel count (PEFT factors channels, not the flattened kernel).
+Forward never builds the Kronecker product: ``x (N, c*d) -> (N, c, d)`` and
+``y = einsum('ncd,ca,db->nab')``, ``2 N (c d b + c a b)`` FLOPs instead of ``2 N c d a b``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from ..errors import UnsupportedModuleError
+from .base import Spec, kaiming_uniform, lycoris_dropout
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """PEFT's ``factorization``: ``(m, n)`` with ``m * n == dimension`` and ``m <= n``.
+
+    With ``factor > 0`` dividing ``dimension``, ``(factor, dimension // factor)`` (unsorted).
+    Otherwise the divisor pair nearest a square whose smaller side does not exceed ``factor``.
+    """
+    if factor > 0 and dimension % factor == 0:
+        return factor, dimension // factor
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+        length = m + n
+    if m > n:
+        n, m = m, n
+    return m, n
+
+
+@dataclasses.dataclass(frozen=True)
+class LoKrSpec(Spec):
+    r: int = 8
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    rank_dropout_scale: bool = False
+    init_weights: bool | str = True
+
+    method: ClassVar[str] = "lokr"
+
+    def __post_init__(self):
+        if self.layout.kind == "conv" and len(self.layout.spatial(self.shape)) != 2:
+            raise UnsupportedModuleError(
+                "LoKr adapts dense kernels, 2-D conv kernels and embeddings; got a conv kernel of "
+                f"shape {self.shape}."
+            )
+
+    # ---- factor shapes ----------------------------------------------------------------------
+    @property
+    def dims(self) -> tuple[int, int, int, int]:
+        """``(a, b, c, d)``: ``out = a * b``, ``in = c * d`` (conv: channels)."""
+        n_in, n_out = self.in_out
+        if self.layout.kind == "conv":
+            n_in = self.shape[-2]
+        a, b = factorization(n_out, self.decompose_factor)
+        c, d = factorization(n_in, self.decompose_factor)
+        return a, b, c, d
+
+    @property
+    def use_w1(self) -> bool:
+        a, _, c, _ = self.dims
+        return not (self.decompose_both and self.r < max(a, c) / 2)
+
+    @property
+    def use_w2(self) -> bool:
+        _, b, _, d = self.dims
+        return not (self.r < max(b, d) / 2)
+
+    def describe(self) -> str:
+        return f"lokr(r={self.r})"
+
+    def init_layer(self, key, w_layer, scale, dtype):
+        a, b, c, d = self.dims
+        r = self.r
+        sp = self.layout.spatial(self.shape)
+        ksz = 1
+        for s in sp:
+            ksz *= s
+        keys = iter(jax.random.split(key, 4))
+        lycoris = self.init_weights == "lycoris"
+        zero_w1 = self.init_weights is True
+        zero_w2 = lycoris
+        out = {}
+        if self.use_w1:
+            out["lokr_w1"] = (
+                jnp.zeros((c, a), dtype) if zero_w1 else kaiming_uniform(next(keys), (c, a), c, dtype)
+            )
+        else:
+            out["lokr_w1_a"] = (
+                jnp.zeros((r, a), dtype) if zero_w1 else kaiming_uniform(next(keys), (r, a), r, dtype)
+            )
+            out["lokr_w1_b"] = kaiming_uniform(next(keys), (c, r), c, dtype)
+        if self.use_w2:
+            shape = (*sp, d, b)
+            out["lokr_w2"] = (
+                jnp.zeros(shape, dtype) if zero_w2 else kaiming_uniform(next(keys), shape, d * ksz, dtype)
+            )
+        else:
+            out["lokr_w2_a"] = kaiming_uniform(next(keys), (r, b), r, dtype)
+            out["lokr_w2_b"] = (
+                jnp.zeros((d * ksz, r), dtype)
+                if zero_w2
+                else kaiming_uniform(next(keys), (d * ksz, r), d * ksz, dtype)
+            )
+        return out
+
+    # ---- math -------------------------------------------------------------------------------
+    def factors(self, arrays):
+        """``(w1 (c, a), w2 (d, b) or (kh, kw, d, b))`` in float32."""
+        f = lambda n: arrays[n].astype(jnp.float32)
+        w1 = f("lokr_w1") if "lokr_w1" in arrays else f("lokr_w1_b") @ f("lokr_w1_a")
+        if "lokr_w2" in arrays:
+            w2 = f("lokr_w2")
+        else:
+            w2 = f("lokr_w2_b") @ f("lokr_w2_a")  # (d * k, b), PEFT's inner order (d, kh, kw)
+            sp = self.layout.spatial(self.shape)
+            if sp:
+                _, b, _, d = self.dims
+                w2 = jnp.moveaxis(w2.reshape(d, *sp, b), 0, len(sp))  # (kh, kw, d, b)
+        return w1, w2
+
+    def delta_layer(self, arrays, scale):
+        w1, w2 = self.factors(arrays)
+        if self.layout.kind == "conv":
+            a, b, c, d = self.dims
+            k = jnp.einsum("ca,...db->...cdab", w1, w2)
+            k = k.reshape(*w2.shape[:-2], c * d, a * b)
+            return k * scale
+        return jnp.kron(w1, w2).reshape(self.layer_shape) * scale
+
+    def delta_matrix(self, arrays, scale):
+        return self.to_matrix(self.delta_layer(arrays, scale))
+
+    def linear_forward(self, x2, y2, arrays, w2, scale, rng):
+        a, b, c, d = self.dims
+        w1, w2f = self.factors(arrays)
+        x = x2.astype(jnp.float32).reshape(*x2.shape[:-1], c, d)
+        t = jnp.einsum("...cd,db->...cb", x, w2f)
+        y = jnp.einsum("...cb,ca->...ab", t, w1).reshape(*x2.shape[:-1], a * b) * scale
+        y = lycoris_dropout(y, rng, self.rank_dropout, self.module_dropout, self.rank_dropout_scale)
+        return (y2.astype(jnp.float32) + y).astype(y2.dtype)
+
+    @property
+    def factored(self) -> bool:  # type: ignore[override]
+        return self.layout.kind != "conv"

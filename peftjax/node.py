@@ -1,0 +1,105 @@
+"""The adapted-weight pytree node: a base array plus named adapters, with static metadata.
+
+``pj.inject`` replaces each targeted weight leaf by an `Adapted` node and leaves everything
+else in the tree untouched. Children (traced, differentiated, sharded): ``base`` and
+``arrays[name][param]``. Aux data (static, hashable, never a leaf): each adapter's `Spec`, the
+active names and the merged names (in merge order).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
+
+from .methods import Spec
+
+
+@register_pytree_with_keys_class
+class Adapted:
+    """A weight leaf carrying adapters. Immutable: every transform returns a new node."""
+
+    __slots__ = ("base", "arrays", "specs", "active", "merged")
+
+    def __init__(
+        self,
+        base: Any,
+        arrays: dict[str, dict[str, Any]],
+        specs: tuple[tuple[str, Spec], ...],
+        active: tuple[str, ...] = (),
+        merged: tuple[str, ...] = (),
+    ):
+        object.__setattr__(self, "base", base)
+        object.__setattr__(self, "arrays", arrays)
+        object.__setattr__(self, "specs", specs)
+        object.__setattr__(self, "active", active)
+        object.__setattr__(self, "merged", merged)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Adapted nodes are immutable; use the peftjax transforms.")
+
+    # ---- pytree -----------------------------------------------------------------------------
+    def tree_flatten_with_keys(self):
+        children = ((GetAttrKey("base"), self.base), (GetAttrKey("arrays"), self.arrays))
+        return children, (self.specs, self.active, self.merged)
+
+    def tree_flatten(self):
+        return (self.base, self.arrays), (self.specs, self.active, self.merged)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], children[1], *aux)
+
+    # ---- queries ------------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.specs)
+
+    def spec(self, name: str) -> Spec:
+        for n, s in self.specs:
+            if n == name:
+                return s
+        raise KeyError(name)
+
+    def pending(self) -> list[tuple[str, Spec, dict]]:
+        """Active, unmerged adapters on this leaf, in activation order."""
+        have = dict(self.specs)
+        return [
+            (n, have[n], self.arrays[n]) for n in self.active if n in have and n not in self.merged
+        ]
+
+    @property
+    def shape(self):
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def ndim(self):
+        return len(self.base.shape)
+
+    def replace(self, **kw) -> Adapted:
+        fields = {k: getattr(self, k) for k in self.__slots__}
+        fields.update(kw)
+        return Adapted(**fields)
+
+    def __repr__(self) -> str:
+        shape = getattr(self.base, "shape", None)
+        dtype = getattr(self.base, "dtype", None)
+        ads = ", ".join(f"{n}={s.describe()}" for n, s in self.specs)
+        return (
+            f"Adapted(base={dtype}{list(shape) if shape is not None else ''}, {ads}, "
+            f"active={self.active}, merged={self.merged})"
+        )
+
+
+def is_adapted(x) -> bool:
+    return isinstance(x, Adapted)
+
+
+def leaves_with_paths(tree):
+    """``[(key path, leaf)]`` and the treedef, with `Adapted` nodes as leaves."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)

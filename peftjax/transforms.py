@@ -1,0 +1,598 @@
+"""The pure transforms: inject, set_active, delete, merge, unmerge, merge_and_unload, unload,
+and the queries. None of them modifies its input; each returns a new tree.
+
+Module paths: a leaf named ``kernel``, ``embedding``, ``weight`` or ``w`` (or any leaf with
+fewer than 2 dims: biases, norm scales) belongs to the module of its parent dict, whose dotted
+path (leading linen ``params`` collection dropped) is the module path. Any other array leaf
+with 2 or more dims is a module of its own, named by its full path (plain trees like
+``{"q": W_q, "k": W_k}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import paths as P
+from .config import AdapterConfig
+from .errors import AdapterNameError, ConfigError, MergeError, TargetError, UnsupportedModuleError
+from .layout import Layout, LayoutSpec, resolve_layout
+from .methods import CopySpec, IA3BiasSpec, IA3Spec, LoHaSpec, LoKrSpec, LoraSpec, Spec
+from .node import Adapted, is_adapted, leaves_with_paths
+
+WEIGHT_NAMES = ("kernel", "weight", "embedding", "w")
+BIAS_NAMES = ("bias", "b")
+ADAPTABLE = {
+    "lora": ("dense", "conv", "embed"),
+    "loha": ("dense", "conv"),
+    "lokr": ("dense", "conv"),
+    "ia3": ("dense", "conv"),
+}
+
+
+# ---------------------------------------------------------------------------------- walking
+
+
+@dataclasses.dataclass
+class _Leaf:
+    index: int
+    names: tuple[str, ...]
+    name: str  # leaf name
+    module: str  # module path
+    value: Any  # array or Adapted
+
+    @property
+    def base(self):
+        return self.value.base if is_adapted(self.value) else self.value
+
+
+def _dotted(names: Sequence[str]) -> str:
+    names = list(names)
+    if names and names[0] == "params":
+        names = names[1:]
+    return ".".join(names)
+
+
+def _walk(params) -> tuple[list[_Leaf], Any]:
+    flat, treedef = leaves_with_paths(params)
+    leaves = []
+    for i, (kp, leaf) in enumerate(flat):
+        names = P.keypath_to_names(kp)
+        name = names[-1] if names else ""
+        base = leaf.base if is_adapted(leaf) else leaf
+        ndim = len(getattr(base, "shape", ()))
+        own = name not in WEIGHT_NAMES and ndim >= 2
+        module = _dotted(names) if own else _dotted(names[:-1])
+        leaves.append(_Leaf(i, names, name, module, leaf))
+    return leaves, treedef
+
+
+def _rebuild(treedef, leaves: list[_Leaf]):
+    return jax.tree_util.tree_unflatten(treedef, [l.value for l in leaves])
+
+
+def _modules(leaves: list[_Leaf]) -> dict[str, list[_Leaf]]:
+    out: dict[str, list[_Leaf]] = {}
+    for l in leaves:
+        out.setdefault(l.module, []).append(l)
+    return out
+
+
+def _weight_leaf(group: list[_Leaf]) -> _Leaf | None:
+    arrays = [l for l in group if len(getattr(l.base, "shape", ())) >= 2]
+    for wname in WEIGHT_NAMES:
+        for l in arrays:
+            if l.name == wname:
+                return l
+    own = [l for l in arrays if l.name not in WEIGHT_NAMES]
+    return own[0] if len(own) == 1 else None
+
+
+def _bias_leaf(group: list[_Leaf], weight: _Leaf) -> _Leaf | None:
+    for l in group:
+        if l is not weight and l.name in BIAS_NAMES:
+            return l
+    return None
+
+
+def _nodes(leaves):
+    return [l.value for l in leaves if is_adapted(l.value)]
+
+
+def _global_active(leaves) -> tuple[str, ...]:
+    nodes = _nodes(leaves)
+    return nodes[0].active if nodes else ()
+
+
+def adapter_names(params) -> tuple[str, ...]:
+    """Names of the adapters in ``params``, in the order they were injected."""
+    seen: dict[str, None] = {}
+    for node in _nodes(_walk(params)[0]):
+        for n in node.names:
+            seen[n] = None
+    return tuple(seen)
+
+
+def active(params) -> tuple[str, ...]:
+    """The active adapter names (``()`` when adapters are off or there are none)."""
+    return _global_active(_walk(params)[0])
+
+
+def targeted_modules(params, name: str | None = None) -> list[str]:
+    """Sorted module paths carrying adapter ``name`` (any adapter when ``None``)."""
+    if name is not None:
+        _check_names(params, [name], "name")
+    mods = set()
+    for l in _walk(params)[0]:
+        if is_adapted(l.value) and (name is None or name in l.value.names):
+            mods.add(l.module)
+    return sorted(mods)
+
+
+def _check_names(params, names, field: str):
+    have = adapter_names(params)
+    for n in names:
+        if not isinstance(n, str):
+            raise AdapterNameError(f"`{field}`: adapter names are str, got {n!r}.")
+        if n not in have:
+            raise AdapterNameError(
+                f"`{field}`: no adapter named {n!r}; the adapters are {list(have)}."
+            )
+
+
+# ---------------------------------------------------------------------------------- inject
+
+
+def _specs_for(config: AdapterConfig, module: str, layout: Layout, shape, mask, r, alpha) -> Spec:
+    """The static spec of one adapter on one weight."""
+    nl = int(np.prod(layout.stack_shape(shape))) if layout.stack else 1
+    method = config.method
+    if method in ("lora", "loha", "lokr"):
+        s = config.scaling(r, alpha) if method == "lora" else alpha / r
+    else:
+        s = 1.0
+    scaling = tuple(float(s) if on else 0.0 for on in (mask if mask is not None else [True] * nl))
+    common = dict(layout=layout, shape=tuple(shape), scaling=scaling)
+    if method == "lora":
+        return LoraSpec(
+            **common,
+            r=r,
+            use_dora=config.use_dora,
+            lora_dropout=float(config.lora_dropout),
+            init_weights=config.init_lora_weights,
+        )
+    if method == "loha":
+        if config.use_effective_conv2d and layout.kind == "conv" and _ksize(layout, shape) > 1:
+            raise ConfigError(
+                f"module `{module}`: `use_effective_conv2d=True` (LoHa's Tucker conv form) is not "
+                "supported yet; set it to False."
+            )
+        return LoHaSpec(
+            **common,
+            r=r,
+            rank_dropout=float(config.rank_dropout),
+            module_dropout=float(config.module_dropout),
+            init_weights=config.init_weights,
+        )
+    if method == "lokr":
+        if config.use_effective_conv2d and layout.kind == "conv" and _ksize(layout, shape) > 1:
+            raise ConfigError(
+                f"module `{module}`: `use_effective_conv2d=True` (LoKr's Tucker conv form) is not "
+                "supported yet; set it to False."
+            )
+        return LoKrSpec(
+            **common,
+            r=r,
+            decompose_both=config.decompose_both,
+            decompose_factor=config.decompose_factor,
+            rank_dropout=float(config.rank_dropout),
+            module_dropout=float(config.module_dropout),
+            rank_dropout_scale=config.rank_dropout_scale,
+            init_weights=config.init_weights,
+        )
+    if method == "ia3":
+        ff = config.feedforward_modules
+        is_ff = bool(ff) and P.suffix_match(module, ff, "feedforward_modules")
+        return IA3Spec(**common, feedforward=is_ff, init_weights=config.init_ia3_weights)
+    raise ConfigError(f"unknown method {method!r}")
+
+
+def _ksize(layout: Layout, shape) -> int:
+    return int(np.prod(layout.spatial(shape)))
+
+
+def _layer_mask(config, module: str, layout: Layout, shape):
+    """Per-layer on/off for stacked weights with ``layers_to_transform``."""
+    ltt = getattr(config, "layers_to_transform", None)
+    if ltt is None or not layout.stack:
+        return None
+    n = int(np.prod(layout.stack_shape(shape)))
+    wanted = {ltt} if isinstance(ltt, int) else set(ltt)
+    return [i in wanted for i in range(n)]
+
+
+def _validate_name(name, leaves):
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"`name` must be a non-empty str, got {name!r}.")
+    for node in _nodes(leaves):
+        if name in node.names:
+            raise AdapterNameError(
+                f"`name`: an adapter named {name!r} already exists; pick another name or "
+                "`pj.delete` it first."
+            )
+
+
+def _new_node(l: _Leaf, name: str, spec: Spec, arrays, act: tuple[str, ...]) -> Adapted:
+    if is_adapted(l.value):
+        node = l.value
+        return node.replace(
+            arrays={**node.arrays, name: arrays}, specs=node.specs + ((name, spec),), active=act
+        )
+    return Adapted(l.value, {name: arrays}, ((name, spec),), act, ())
+
+
+def inject(
+    params,
+    config: AdapterConfig,
+    *,
+    key: jax.Array,
+    name: str = "default",
+    layouts: LayoutSpec = None,
+    dtype=jnp.float32,
+    activate: bool | None = None,
+):
+    """Add adapter ``name`` at every module ``config`` targets, initialised as PEFT does.
+
+    Args:
+      params: a linen param dict (with or without ``params``), an nnx ``State`` or any pytree.
+      config: a `LoraConfig`, `LoHaConfig`, `LoKrConfig`, `IA3Config` or `LNTuningConfig`.
+      key: PRNG key for the initialisation (each module gets ``fold_in(key, i)``).
+      name: the adapter's name.
+      layouts: how to read weights that are not plain 2-D dense / 4-D conv / embedding tables:
+        a `Layout`, a dict ``{module regex or suffix: Layout}`` or a callable
+        ``(module_path, array) -> Layout | None``. Stacked (scanned) layers need
+        ``Layout("dense", stack=1)``.
+      dtype: dtype of the adapter arrays (PEFT keeps adapters in float32).
+      activate: make ``name`` active. Default, as PEFT: only when it is the first adapter.
+
+    Returns:
+      A new tree; ``params`` is left unchanged.
+
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> p = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+    >>> p2 = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(0))
+    >>> pj.targeted_modules(p2)
+    ['q_proj']
+    """
+    if not isinstance(config, AdapterConfig):
+        raise ConfigError(f"`config` must be a peftjax config, got {type(config).__name__}.")
+    leaves, treedef = _walk(params)
+    _validate_name(name, leaves)
+    groups = _modules(leaves)
+    method = config.method
+    if config.target_modules is None:
+        raise ConfigError(
+            "`target_modules=None`: peftjax has no per-architecture default; name the modules, "
+            "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
+        )
+
+    mts = getattr(config, "modules_to_save", None)
+    if method == "ln_tuning":
+        candidates = [m for m in groups if m]
+    else:
+        candidates = [m for m, g in groups.items() if _weight_leaf(g) is not None]
+    save_paths = P.select_modules_to_save(list(groups), mts) if mts else []
+    linear = None
+    if P.is_all_linear(config.target_modules):
+        items = [(m, w.name, w.base.ndim) for m in candidates if (w := _weight_leaf(groups[m]))]
+        linear = P.select_all_linear(items, task_type=getattr(config, "task_type", None))
+    ltt = getattr(config, "layers_to_transform", None)
+    lpat = getattr(config, "layers_pattern", None)
+    selected = P.select_modules(
+        candidates,
+        target_modules=config.target_modules,
+        exclude_modules=config.exclude_modules,
+        modules_to_save=save_paths,
+        linear_modules=linear,
+        forbid_with_str_target=False,
+    )
+
+    # Resolve layouts first (errors name the module), then the layer filter.
+    plan = []
+    for mod in selected:
+        group = groups[mod]
+        if method == "ln_tuning":
+            lay = resolve_layout(layouts, mod, "", group[0].base) if layouts else None
+            plan.append((mod, group, lay))
+            continue
+        w = _weight_leaf(group)
+        lay = resolve_layout(layouts, mod, w.name, w.base)
+        if lay.kind not in ADAPTABLE[method]:
+            raise UnsupportedModuleError(
+                f"module `{mod}`: {method} cannot adapt a {lay.kind} weight (shape "
+                f"{tuple(w.base.shape)}); it adapts {', '.join(ADAPTABLE[method])} weights."
+            )
+        plan.append((mod, w, lay))
+    if ltt is not None and not isinstance(config.target_modules, str):
+        # PEFT's layer filter (list targets only); stacked weights are filtered per layer slice.
+        plan = [
+            item
+            for item in plan
+            if (item[2] is not None and item[2].stack)
+            or P.matches_target(
+                item[0], config.target_modules, layers_to_transform=ltt, layers_pattern=lpat
+            )
+        ]
+        if not plan:
+            raise TargetError(
+                f"`layers_to_transform={ltt!r}`"
+                + (f" with `layers_pattern={lpat!r}`" if lpat else "")
+                + f" left no module among the targeted ones: {selected[:5]}."
+            )
+
+    rank_pattern = getattr(config, "rank_pattern", {}) or {}
+    alpha_pattern = getattr(config, "alpha_pattern", {}) or {}
+    targeted = [item[0] for item in plan]
+    if rank_pattern:
+        P.check_pattern_keys(targeted, rank_pattern, "rank_pattern")
+    if alpha_pattern:
+        P.check_pattern_keys(targeted, alpha_pattern, "alpha_pattern")
+
+    prior = _global_active(leaves)
+    first = not _nodes(leaves)
+    do_activate = first if activate is None else activate
+    act = (prior + (name,)) if do_activate and name not in prior else prior
+
+    new = list(leaves)
+    for i, (mod, item, lay) in enumerate(plan):
+        mkey = jax.random.fold_in(key, i)
+        if method == "ln_tuning":
+            for l in item:
+                spec = CopySpec(
+                    layout=lay or Layout("dense", stack=0),
+                    shape=tuple(l.base.shape),
+                    scaling=tuple(
+                        1.0 if on else 0.0
+                        for on in (_layer_mask(config, mod, lay, l.base.shape) or [True])
+                    )
+                    if lay and lay.stack
+                    else (1.0,),
+                    kind="ln_tuning",
+                )
+                new[l.index] = dataclasses.replace(
+                    l, value=_new_node(l, name, spec, spec.init(mkey, l.base), act)
+                )
+            continue
+        w = item
+        r = int(P.get_pattern_value(mod, rank_pattern, getattr(config, "r", 1)))
+        alpha = P.get_pattern_value(
+            mod, alpha_pattern, getattr(config, "lora_alpha", getattr(config, "alpha", 1))
+        )
+        mask = _layer_mask(config, mod, lay, w.base.shape)
+        spec = _specs_for(config, mod, lay, w.base.shape, mask, r, alpha)
+        arrays = spec.init(mkey, w.base, dtype)
+        new[w.index] = dataclasses.replace(w, value=_new_node(w, name, spec, arrays, act))
+        if isinstance(spec, IA3Spec) and not spec.feedforward:
+            b = _bias_leaf(groups[mod], w)
+            if b is not None:
+                bspec = IA3BiasSpec(
+                    layout=Layout("dense", stack=lay.stack),
+                    shape=tuple(b.base.shape),
+                    scaling=spec.scaling,
+                    owner=w.name,
+                )
+                new[b.index] = dataclasses.replace(b, value=_new_node(b, name, bspec, {}, act))
+    for j, mod in enumerate(save_paths):
+        for l in _subtree(groups, mod):
+            spec = CopySpec(
+                layout=Layout("dense"), shape=tuple(l.base.shape), scaling=(1.0,), kind="modules_to_save"
+            )
+            new[l.index] = dataclasses.replace(
+                l, value=_new_node(new[l.index], name, spec, spec.init(None, l.base), act)
+            )
+    new = [_with_active(l, act) for l in new]
+    return _rebuild(treedef, new)
+
+
+def _str_tuple(t) -> tuple[str, ...]:
+    return tuple(t) if not isinstance(t, str) else (t,)
+
+
+def _subtree(groups, mod: str) -> list[_Leaf]:
+    out = []
+    for m, g in groups.items():
+        if m == mod or m.startswith(mod + "."):
+            out.extend(g)
+    return out
+
+
+def _with_active(l: _Leaf, act: tuple[str, ...]) -> _Leaf:
+    if is_adapted(l.value) and l.value.active != act:
+        return dataclasses.replace(l, value=l.value.replace(active=act))
+    return l
+
+
+# ---------------------------------------------------------------------------------- activity
+
+
+def set_active(params, names: str | Sequence[str] | None):
+    """Activate ``names`` (a str, a list of str, or ``None`` / ``[]`` for base behaviour)."""
+    if names is None:
+        names = ()
+    elif isinstance(names, str):
+        names = (names,)
+    else:
+        names = tuple(names)
+    _check_names(params, names, "names")
+    if len(set(names)) != len(names):
+        raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
+    leaves, treedef = _walk(params)
+    for l in leaves:
+        if is_adapted(l.value):
+            copies = [n for n in names if n in l.value.names and isinstance(l.value.spec(n), CopySpec)]
+            if len(copies) > 1:
+                raise AdapterNameError(
+                    f"`names`: adapters {copies} each replace module `{l.module}` (LN tuning / "
+                    "modules_to_save); only one of them can be active."
+                )
+    return _rebuild(treedef, [_with_active(l, names) for l in leaves])
+
+
+def delete(params, name: str):
+    """Remove adapter ``name`` everywhere. If it was active, the other active ones stay active;
+    if none remain, the first of the sorted remaining names becomes active (as PEFT)."""
+    _check_names(params, [name], "name")
+    leaves, treedef = _walk(params)
+    for l in leaves:
+        if is_adapted(l.value) and name in l.value.merged:
+            raise MergeError(
+                f"adapter {name!r} is merged into `{l.module}`; `pj.unmerge` before deleting it."
+            )
+    prior = _global_active(leaves)
+    remaining = [n for n in adapter_names(params) if n != name]
+    act = tuple(n for n in prior if n != name)
+    if name in prior and not act and remaining:
+        act = (sorted(remaining)[0],)
+    out = []
+    for l in leaves:
+        node = l.value
+        if is_adapted(node):
+            if name in node.names:
+                specs = tuple((n, s) for n, s in node.specs if n != name)
+                arrays = {n: a for n, a in node.arrays.items() if n != name}
+                node = node.replace(specs=specs, arrays=arrays) if specs else node.base
+            if is_adapted(node):
+                node = node.replace(active=act)
+            l = dataclasses.replace(l, value=node)
+        out.append(l)
+    return _rebuild(treedef, out)
+
+
+# ---------------------------------------------------------------------------------- merging
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _merge_kernel(spec: Spec, w32, arrays):
+    return spec.merge(w32, arrays)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _unmerge_kernel(spec: Spec, w32, arrays):
+    return spec.unmerge(w32, arrays)
+
+
+def _ia3_bias_factor(group: list[_Leaf], bias_node: Adapted, name: str):
+    spec: IA3BiasSpec = bias_node.spec(name)
+    for l in group:
+        if l.name == spec.owner and is_adapted(l.value) and name in l.value.names:
+            owner = l.value
+            vec = owner.spec(name).bias_vector(owner.arrays[name], 1.0)
+            o_spec = owner.spec(name)
+            if o_spec.layout.stack:
+                l_ = owner.arrays[name]["ia3_l"].astype(jnp.float32)
+                on = (o_spec.scale_array() != 0).reshape(o_spec.layout.stack_shape(o_spec.shape) + (1,))
+                return jnp.where(on, l_, jnp.ones_like(l_))
+            return vec
+    raise MergeError(f"IA3 bias owner `{spec.owner}` not found")
+
+
+def _fold(node: Adapted, group, names, undo: bool):
+    """New (base, arrays) of one node after merging (or unmerging) ``names`` in order."""
+    base = node.base
+    arrays = dict(node.arrays)
+    w = None
+    for n in names:
+        spec = node.spec(n)
+        if isinstance(spec, CopySpec):
+            if w is not None:
+                base, w = w.astype(base.dtype), None
+            base, arrays[n] = spec.merge(base, arrays[n])
+            continue
+        if w is None:
+            w = base.astype(jnp.float32)
+        if isinstance(spec, IA3BiasSpec):
+            f = _ia3_bias_factor(group, node, n).reshape(w.shape)
+            w = w / (f + 1e-8) if undo else w * f
+            continue
+        fn = _unmerge_kernel if undo else _merge_kernel
+        w, arrays[n] = fn(spec, w, arrays[n])
+    if w is not None:
+        base = w.astype(node.base.dtype)
+    return base, arrays
+
+
+def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = False):
+    """Fold the active (or named) adapters into the base weights, recording them for `unmerge`.
+
+    Already-merged adapters are skipped; adapters merge in the order given. Deltas are
+    computed in float32 and cast once to the base dtype.
+
+    Args:
+      safe: raise `MergeError` naming the module if any merged value is not finite; nothing is
+        returned half-merged.
+    """
+    if isinstance(names, str):
+        names = (names,)
+    leaves, treedef = _walk(params)
+    names = tuple(_global_active(leaves) if names is None else names)
+    _check_names(params, names, "names")
+    groups = _modules(leaves)
+    out = []
+    for l in leaves:
+        node = l.value
+        if is_adapted(node):
+            todo = [n for n in names if n in node.names and n not in node.merged]
+            if todo:
+                base, arrays = _fold(node, groups[l.module], todo, undo=False)
+                if safe and not bool(jnp.all(jnp.isfinite(base))):
+                    raise MergeError(
+                        f"safe merge: merging {todo} into `{l.module}` ({l.name}) gives non-finite "
+                        "values; nothing was merged."
+                    )
+                node = node.replace(base=base, arrays=arrays, merged=node.merged + tuple(todo))
+            l = dataclasses.replace(l, value=node)
+        out.append(l)
+    return _rebuild(treedef, out)
+
+
+def unmerge(params):
+    """Undo `merge`: every merged adapter is taken out, last merged first."""
+    leaves, treedef = _walk(params)
+    if not any(node.merged for node in _nodes(leaves)):
+        raise MergeError("`unmerge`: no adapter is merged.")
+    groups = _modules(leaves)
+    out = []
+    for l in leaves:
+        node = l.value
+        if is_adapted(node) and node.merged:
+            base, arrays = _fold(node, groups[l.module], tuple(reversed(node.merged)), undo=True)
+            node = node.replace(base=base, arrays=arrays, merged=())
+            l = dataclasses.replace(l, value=node)
+        out.append(l)
+    return _rebuild(treedef, out)
+
+
+def _strip(params):
+    leaves, treedef = _walk(params)
+    return jax.tree_util.tree_unflatten(
+        treedef, [l.value.base if is_adapted(l.value) else l.value for l in leaves]
+    )
+
+
+def merge_and_unload(params, names: str | Sequence[str] | None = None, *, safe: bool = False):
+    """Merge the active (or named) adapters and return a plain tree with exactly the original
+    structure, shapes and dtypes."""
+    return _strip(merge(params, names, safe=safe))
+
+
+def unload(params):
+    """The original base tree, adapters dropped (merged adapters are unmerged first)."""
+    if any(node.merged for node in _nodes(_walk(params)[0])):
+        params = unmerge(params)
+    return _strip(params)
