@@ -22,6 +22,7 @@ from .errors import (
     TargetError as TargetError,
     UnsupportedModuleError as UnsupportedModuleError,
 )
+from .forward import apply as apply
 from .layout import Layout as Layout
 from .methods import factorization as factorization
 from .node import Adapted as Adapted
@@ -66,6 +67,7 @@ __all__ = sorted(
         "TargetError",
         "UnsupportedModuleError",
         "active",
+        "apply",
         "adapter_names",
         "combine",
         "config_from_dict",

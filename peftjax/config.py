@@ -265,7 +265,8 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if not type(self).peft_type:
             raise TypeError(f"{type(self).__name__} is abstract; use LoraConfig, LoHaConfig, ...")
-        if self.task_type is not None and self.task_type not in TASK_TYPES:
+        task = self.task_type
+        if task is not None and not (isinstance(task, str) and task in TASK_TYPES):
             raise _fail(
                 "task_type", self.task_type, f"must be None or one of {sorted(TASK_TYPES)}."
             )

@@ -367,6 +367,7 @@ INVALID = [
     (LoraConfig, {"layers_to_transform": ["0"]}, "layers_to_transform"),
     (LoraConfig, {"layers_to_transform": "0"}, "layers_to_transform"),
     (LoraConfig, {"task_type": "CHAT"}, "task_type"),
+    (LoraConfig, {"task_type": ["CAUSAL_LM"]}, "task_type"),
     (LoraConfig, {"revision": 3}, "revision"),
     (LoraConfig, {"base_model_name_or_path": ["m"]}, "base_model_name_or_path"),
     (LoraConfig, {"inference_mode": "no"}, "inference_mode"),

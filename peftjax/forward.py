@@ -1,0 +1,435 @@
+"""``pj.apply``: run any JAX function with adapter-carrying params, computing adapters factored.
+
+How it works (a small jaxpr interpreter, public JAX API only: ``jax.make_jaxpr``,
+``jax.extend.core``, ``jax.lax``):
+
+1. Every `Adapted` leaf in the arguments is replaced by its base array (copies for LN tuning /
+   ``modules_to_save``, ``b * l`` for a bias under output-scaling IA3), and ``fn`` is traced to
+   a jaxpr. Leaves with no active, unmerged adapter cost nothing: they are plain inputs.
+2. The jaxpr is evaluated equation by equation. Values derived from an adapted weight by
+   ``convert_element_type`` stay *tagged* with the weight's adapters. At a ``dot_general`` that
+   contracts a tagged weight over its input axes, the base product is computed as usual and each
+   adapter's factored rule is added on the matrix view: LoRA ``x @ A @ B * s``, LoKr through the
+   Kronecker identity, DoRA and IA3 as PEFT's forward; LoHa builds its delta for that module only.
+   A ``gather`` of rows of an embedding table (``jnp.take``, ``Embed``) gathers LoRA's ``A`` rows.
+3. ``jit`` calls are inlined; ``scan`` (``nn.scan``, ``nnx.scan``, ``lax.scan``) is re-issued with
+   ``jax.lax.scan`` whose body is interpreted, the stacked adapter arrays entering as extra
+   ``xs`` (so no per-adapter copy of the stacked base is made); ``remat`` is re-issued with
+   ``jax.checkpoint`` around the interpreted body.
+4. Any other use of a tagged value (transposed or sliced weight, ``custom_jvp``/``custom_vjp``,
+   ``while``/``cond``, a returned weight...) gets the effective weight ``W + dW`` built at that
+   point: slower but never silently wrong.
+
+Dropout (``lora_dropout``, LoHa/LoKr ``rank_dropout``/``module_dropout``) runs when ``rng`` is
+given (training) and is off otherwise (inference), as PEFT's train/eval modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from .methods import CopySpec, IA3BiasSpec, Spec
+from .node import Adapted, is_adapted
+
+__all__ = ["apply"]
+
+
+# ------------------------------------------------------------------------------------ bindings
+
+
+@dataclasses.dataclass(frozen=True)
+class _Binding:
+    """The pending adapters of one weight value: ``[(spec, arrays, scale)]``.
+
+    ``arrays`` and ``scale`` keep the stack axes not yet consumed by enclosing scans:
+    ``stack_left`` of them.
+    """
+
+    node_id: int
+    base_dtype: Any
+    items: tuple  # ((spec, arrays, scale), ...)
+    stack_left: int
+
+    def slice_xs(self):
+        """Pytree of arrays to pass as scan ``xs`` (sliced along axis 0)."""
+        return [(arrays, scale) for _, arrays, scale in self.items]
+
+    def with_slices(self, sliced) -> _Binding:
+        items = tuple((spec, a, s) for (spec, _, _), (a, s) in zip(self.items, sliced))
+        return dataclasses.replace(self, items=items, stack_left=self.stack_left - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    binding: _Binding
+    dtype: Any  # dtype of the tagged value (after converts)
+
+
+def _effective(binding: _Binding, w, dtype):
+    """``W`` with every pending adapter merged (float32 math, cast once): the fallback."""
+    w32 = w.astype(jnp.float32)
+    for spec, arrays, scale in binding.items:
+        if binding.stack_left == spec.layout.stack:
+            w32 = spec.merge(w32, arrays)[0]
+        elif binding.stack_left == 0:
+            w32 = spec.merge_layer(w32, arrays, scale)[0]
+        else:  # partially sliced stack: vmap the layer rule over what is left
+            n = int(np.prod(w.shape[: binding.stack_left]))
+            lw = w32.reshape((n,) + spec.layer_shape)
+            la = {k: v.reshape((n,) + v.shape[binding.stack_left :]) for k, v in arrays.items()}
+            ls = jnp.reshape(scale, (n,))
+            w32 = jax.vmap(lambda a, b, c: spec.merge_layer(a, b, c)[0])(lw, la, ls).reshape(
+                w.shape
+            )
+    return w32.astype(dtype)
+
+
+# ------------------------------------------------------------------------------------ interpreter
+
+
+class _Interp:
+    def __init__(self, rng):
+        self.rng = rng
+        self.site = 0
+
+    def next_rng(self):
+        if self.rng is None:
+            return None
+        self.site += 1
+        return jax.random.fold_in(self.rng, self.site)
+
+    # values: env maps Var -> value; tags maps Var -> _Tag (value is then the *base-derived* value)
+    def run(self, jaxpr, consts, args, arg_tags):
+        env: dict = {}
+        tags: dict = {}
+        bases: dict = {}  # tagged var -> the tagged base value (for fallback)
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return v.val
+            return env[v]
+
+        def write(v, val, tag=None):
+            if isinstance(v, jcore.DropVar):
+                return
+            env[v] = val
+            if tag is not None:
+                tags[v] = tag
+
+        for v, c in zip(jaxpr.constvars, consts):
+            write(v, c)
+        for v, a, t in zip(jaxpr.invars, args, arg_tags):
+            write(v, a, t)
+
+        cache: dict = {}
+
+        def materialize(v):
+            """Effective value of a tagged var (W + dW, with the var's converts applied)."""
+            if isinstance(v, jcore.Literal) or v not in tags:
+                return read(v)
+            if v not in cache:
+                t = tags[v]
+                cache[v] = _effective(t.binding, env[v], t.dtype)
+            return cache[v]
+
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            tagged = [not isinstance(v, jcore.Literal) and v in tags for v in eqn.invars]
+            if not any(tagged):
+                outs = _bind(eqn, [read(v) for v in eqn.invars])
+                for v, o in zip(eqn.outvars, outs):
+                    write(v, o)
+                continue
+            handler = _HANDLERS.get(name)
+            res = handler(self, eqn, read, tags, materialize) if handler else None
+            if res is None:  # fallback: effective weights for every tagged operand
+                outs = _bind(eqn, [materialize(v) for v in eqn.invars])
+                res = [(o, None) for o in outs]
+            for v, (o, t) in zip(eqn.outvars, res):
+                write(v, o, t)
+        return [materialize(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, invals):
+    """Evaluate one equation as ``jax.core.eval_jaxpr`` does (call primitives too)."""
+    bp = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bp if isinstance(bp, tuple) else ((), bp)  # older JAX: (subfuns, params)
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    if ctx is not None:
+        with ctx:
+            outs = eqn.primitive.bind(*subfuns, *invals, **params)
+    else:
+        outs = eqn.primitive.bind(*subfuns, *invals, **params)
+    return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _convert(interp, eqn, read, tags, materialize):
+    (v,) = eqn.invars
+    out = eqn.primitive.bind(read(v), **eqn.params)
+    return [(out, _Tag(tags[v].binding, out.dtype))]
+
+
+def _dot(interp: _Interp, eqn, read, tags, materialize):
+    lhs_v, rhs_v = eqn.invars
+    ((lc, rc), (lb, rb)) = eqn.params["dimension_numbers"]
+    lt = not isinstance(lhs_v, jcore.Literal) and lhs_v in tags
+    rt = not isinstance(rhs_v, jcore.Literal) and rhs_v in tags
+    if lt and rt or lb or rb:
+        return None
+    w_v, x_v, wc, xc = (rhs_v, lhs_v, rc, lc) if rt else (lhs_v, rhs_v, lc, rc)
+    tag: _Tag = tags[w_v]
+    b = tag.binding
+    if b.stack_left:
+        return None
+    spec0: Spec = b.items[0][0]
+    lay = spec0.layout
+    if lay.kind == "conv":
+        return None
+    n_in = lay.n_in if lay.kind == "dense" else 1
+    w = read(w_v)
+    if tuple(sorted(wc)) != tuple(range(n_in)) or w.ndim != len(spec0.layer_shape):
+        return None
+    for i, (spec, _, _) in enumerate(b.items):
+        if not spec.factored or (spec.needs_base_output and i > 0):
+            return None
+    x = read(x_v)
+    out = eqn.primitive.bind(read(lhs_v), read(rhs_v), **eqn.params)
+    # x contracted dims in the order of W's input axes; free dims keep their order
+    order = np.argsort(wc)
+    x_c = [xc[j] for j in order]
+    x_free = [d for d in range(x.ndim) if d not in xc]
+    n_in_flat, n_out_flat = spec0.in_out
+    free_shape = [x.shape[d] for d in x_free]
+    x2 = jnp.transpose(x, x_free + x_c).reshape(*free_shape, n_in_flat)
+    n_out_axes = w.ndim - n_in
+    if rt:  # out = (*x_free, *w_out)
+        y2 = out.reshape(*free_shape, n_out_flat)
+    else:  # out = (*w_out, *x_free)
+        nf = len(free_shape)
+        perm = list(range(n_out_axes, n_out_axes + nf)) + list(range(n_out_axes))
+        y2 = jnp.transpose(out, perm).reshape(*free_shape, n_out_flat)
+    w2 = None
+    for spec, arrays, scale in b.items:
+        if spec.needs_base_output and w2 is None:
+            w2 = w.reshape(n_in_flat, n_out_flat)
+        y2 = spec.linear_forward(x2, y2, arrays, w2, jnp.asarray(scale, jnp.float32), interp.next_rng())
+    if rt:
+        y = y2.reshape(out.shape)
+    else:
+        nf = len(free_shape)
+        t = y2.reshape(*free_shape, *w.shape[n_in:])
+        perm = list(range(nf, nf + n_out_axes)) + list(range(nf))
+        y = jnp.transpose(t, perm)
+    return [(y.astype(out.dtype), None)]
+
+
+def _gather(interp: _Interp, eqn, read, tags, materialize):
+    w_v, idx_v = eqn.invars
+    if isinstance(idx_v, jcore.Literal) is False and idx_v in tags:
+        return None
+    tag: _Tag = tags[w_v]
+    b = tag.binding
+    if b.stack_left:
+        return None
+    dn = eqn.params["dimension_numbers"]
+    w = read(w_v)
+    if (
+        w.ndim != 2
+        or tuple(dn.collapsed_slice_dims) != (0,)
+        or tuple(dn.start_index_map) != (0,)
+        or tuple(eqn.params["slice_sizes"]) != (1, w.shape[1])
+        or tuple(dn.operand_batching_dims)
+    ):
+        return None
+    for spec, _, _ in b.items:
+        if spec.layout.kind != "embed" or getattr(spec, "use_dora", True):
+            return None
+    idx = read(idx_v)
+    out = eqn.primitive.bind(w, idx, **eqn.params)
+    y = out
+    for spec, arrays, scale in b.items:
+        a = arrays["lora_A"]
+        params = dict(eqn.params, slice_sizes=(1, a.shape[1]))
+        rows = eqn.primitive.bind(a, idx, **params)
+        y = spec.gathered_forward(rows, y, arrays, jnp.asarray(scale, jnp.float32))
+    return [(y.astype(out.dtype), None)]
+
+
+def _inline(interp: _Interp, eqn, read, tags, materialize):
+    closed = eqn.params["jaxpr"]
+    args = [read(v) for v in eqn.invars]
+    arg_tags = [tags.get(v) if not isinstance(v, jcore.Literal) else None for v in eqn.invars]
+    outs = interp.run(closed.jaxpr, closed.consts, args, arg_tags)
+    return [(o, None) for o in outs]
+
+
+def _remat(interp: _Interp, eqn, read, tags, materialize):
+    jaxpr = eqn.params["jaxpr"]
+    args = [read(v) for v in eqn.invars]
+    arg_tags = [tags.get(v) if not isinstance(v, jcore.Literal) else None for v in eqn.invars]
+
+    def body(*a):
+        return interp.run(jaxpr, (), list(a), arg_tags)
+
+    fn = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"], policy=eqn.params["policy"])
+    return [(o, None) for o in fn(*args)]
+
+
+def _scan(interp: _Interp, eqn, read, tags, materialize):
+    p = eqn.params
+    closed = p["jaxpr"]
+    nc, ncarry = p["num_consts"], p["num_carry"]
+    invars = list(eqn.invars)
+    consts_v, carry_v, xs_v = invars[:nc], invars[nc : nc + ncarry], invars[nc + ncarry :]
+    # carries cannot be tagged (their value changes); materialize them
+    init = [materialize(v) for v in carry_v]
+    consts = [read(v) for v in consts_v]
+    const_tags = [tags.get(v) if not isinstance(v, jcore.Literal) else None for v in consts_v]
+    xs, xs_tags, extra = [], [], []
+    for v in xs_v:
+        t = tags.get(v) if not isinstance(v, jcore.Literal) else None
+        if t is not None and t.binding.stack_left >= 1:
+            xs.append(read(v))
+            xs_tags.append(t)
+            extra.append(t.binding.slice_xs())
+        else:
+            xs.append(materialize(v))
+            xs_tags.append(None)
+            extra.append(None)
+    with_rng = interp.rng is not None
+    outer_rng = interp.rng
+
+    def body(carry, inp):
+        xs_i, extra_i, step = inp
+        inner_tags = list(const_tags) + [None] * ncarry
+        for t, e in zip(xs_tags, extra_i):
+            inner_tags.append(None if t is None else _Tag(t.binding.with_slices(e), t.dtype))
+        sub = _Interp(jax.random.fold_in(outer_rng, step) if with_rng else None)
+        outs = sub.run(closed.jaxpr, closed.consts, consts + list(carry) + list(xs_i), inner_tags)
+        return outs[:ncarry], outs[ncarry:]
+
+    steps = jnp.arange(p["length"], dtype=jnp.uint32)
+    if with_rng:
+        interp.site += 1
+        outer_rng = jax.random.fold_in(interp.rng, interp.site)
+    carry, ys = jax.lax.scan(
+        body, init, (xs, extra, steps), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
+    return [(o, None) for o in list(carry) + list(ys)]
+
+
+_HANDLERS = {
+    "convert_element_type": _convert,
+    "dot_general": _dot,
+    "gather": _gather,
+    "pjit": _inline,
+    "jit": _inline,
+    "closed_call": _inline,
+    "core_call": _inline,
+    "remat": _remat,
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "scan": _scan,
+}
+
+
+# ------------------------------------------------------------------------------------ entry
+
+
+def _is_array(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def _prepare(args_tree):
+    """Replace adapted leaves: returns (flat values, flat bindings (or None), treedef)."""
+    from .transforms import _ia3_bias_factor, _modules, _walk
+
+    leaves, treedef = _walk(args_tree)
+    groups = None
+    vals, binds = [], []
+    for i, l in enumerate(leaves):
+        node = l.value
+        if not is_adapted(node):
+            vals.append(node)
+            binds.append(None)
+            continue
+        pend = node.pending()
+        value = node.base
+        items = []
+        for name, spec, arrays in pend:
+            if isinstance(spec, CopySpec):
+                value = spec.value(value, arrays)
+            elif isinstance(spec, IA3BiasSpec):
+                if groups is None:
+                    groups = _modules(leaves)
+                f = _ia3_bias_factor(groups[l.module], node, name).reshape(value.shape)
+                value = (value.astype(jnp.float32) * f).astype(value.dtype)
+            else:
+                items.append((spec, arrays, _scale_of(spec)))
+        if items and any(isinstance(s, CopySpec) for _, s, _ in pend):
+            # a copy plus other adapters on one leaf: just build the effective weight
+            b = _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack)
+            value, items = _effective(b, value, value.dtype), []
+        vals.append(value)
+        binds.append(
+            _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack) if items else None
+        )
+    return vals, binds, treedef
+
+
+def _scale_of(spec: Spec):
+    if spec.layout.stack:
+        return spec.scale_array().reshape(spec.layout.stack_shape(spec.shape))
+    return jnp.float32(spec.scaling[0])
+
+
+def apply(fn, *, rng: jax.Array | None = None):
+    """Wrap ``fn`` so that adapter-carrying arguments act as adapted weights.
+
+    Args:
+      fn: any JAX-traceable function, e.g. ``model.apply``, ``lambda p, ids: hf(ids, params=p)``
+        or a function that rebuilds an nnx model with ``nnx.merge(graphdef, state)``.
+      rng: PRNG key for adapter dropout (training). ``None`` (default): dropout off.
+
+    Returns:
+      A function with ``fn``'s signature. It composes with ``jit``, ``grad``, ``vmap``, remat
+      and scanned layers.
+
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> p = pj.inject({"w": jnp.eye(3)}, pj.LoraConfig(r=1, target_modules=["w"]), key=jax.random.key(0))
+    >>> pj.apply(lambda p, x: x @ p["w"])(p, jnp.ones((2, 3))).shape
+    (2, 3)
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        vals, binds, treedef = _prepare((args, kwargs))
+        if not any(b is not None for b in binds):
+            a, k = jax.tree_util.tree_unflatten(treedef, vals)
+            return fn(*a, **k)
+        dyn_idx = [i for i, v in enumerate(vals) if _is_array(v)]
+        static = list(vals)
+
+        def flat_fn(*dyn):
+            full = list(static)
+            for i, d in zip(dyn_idx, dyn):
+                full[i] = d
+            a, k = jax.tree_util.tree_unflatten(treedef, full)
+            return fn(*a, **k)
+
+        dyn = [vals[i] for i in dyn_idx]
+        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
+        arg_tags = [
+            _Tag(binds[i], vals[i].dtype) if binds[i] is not None else None for i in dyn_idx
+        ]
+        outs = _Interp(rng).run(closed.jaxpr, closed.consts, dyn, arg_tags)
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+    return wrapped
