@@ -33,14 +33,16 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="peftjax-demo-adapter", help="where to save the adapter")
     d.add_argument("--no-save", action="store_true", help="do not save the adapter")
     d.set_defaults(func=_demo)
-    try:
-        from .cli_files import add_file_commands
-    except ImportError:  # pragma: no cover
-        add_file_commands = None
-    if add_file_commands is not None:
-        add_file_commands(sub)
+    from .cli_files import add_file_commands
+    from .errors import PeftJaxError
+
+    add_file_commands(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except PeftJaxError as e:
+        print(f"peftjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

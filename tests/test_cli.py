@@ -1,0 +1,131 @@
+"""The `peftjax` command line: inspect, merge (streaming, sharded), and the demo."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from peftjax import cli
+
+FIX = Path(__file__).parent / "fixtures" / "peft"
+METHODS = ["llama_lora", "llama_dora", "llama_loha", "llama_lokr", "llama_ia3"]
+
+
+def _checkpoint(tmp_path, case, shards: int, dtype=np.float32) -> Path:
+    """An HF-style checkpoint dir of the fixture's torch base weights, split into shards."""
+    base = load_file(FIX / case / "base.safetensors")
+    d = tmp_path / "base"
+    d.mkdir()
+    keys = sorted(base)
+    if shards == 1:
+        save_file({k: base[k].astype(dtype) for k in keys}, d / "model.safetensors", {"format": "pt"})
+    else:
+        weight_map = {}
+        for i, chunk in enumerate(np.array_split(np.array(keys), shards)):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: base[k].astype(dtype) for k in chunk}, d / name, {"format": "pt"})
+            weight_map.update({k: name for k in chunk})
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+        )
+    shutil.copy(FIX / case / "llama_config.json", d / "config.json")
+    return d
+
+
+@pytest.mark.parametrize("case", METHODS)
+@pytest.mark.parametrize("shards", [1, 3])
+def test_merge_matches_peft_merge_and_unload(tmp_path, case, shards, capsys):
+    base = _checkpoint(tmp_path, case, shards)
+    out = tmp_path / "out"
+    rc = cli.main(["merge", "--base", str(base), "--adapter", str(FIX / case), "--out", str(out)])
+    assert rc == 0
+    expected = {k[len("merged.") :]: v for k, v in load_file(FIX / case / "io.safetensors").items() if k.startswith("merged.")}
+    got = {}
+    for f in sorted(out.glob("*.safetensors")):
+        got.update(load_file(f))
+    assert set(got) == set(load_file(FIX / case / "base.safetensors"))
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v, rtol=1e-5, atol=1e-5, err_msg=k)
+    # same shard files, same index, config copied
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base.iterdir())
+    if shards > 1:
+        assert json.loads((out / "model.safetensors.index.json").read_text()) == json.loads(
+            (base / "model.safetensors.index.json").read_text()
+        )
+
+
+def test_merge_keeps_bf16_dtype(tmp_path):
+    import ml_dtypes
+
+    base = _checkpoint(tmp_path, "llama_lora", 2, dtype=ml_dtypes.bfloat16)
+    out = tmp_path / "out"
+    assert cli.main(["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)]) == 0
+    from peftjax.io import read_safetensors
+
+    for f in sorted(out.glob("*.safetensors")):
+        t, _ = read_safetensors(f)
+        assert all(v.dtype == ml_dtypes.bfloat16 for v in t.values())
+    t, _ = read_safetensors(next(out.glob("model-00001*")))
+    expected = load_file(FIX / "llama_lora" / "io.safetensors")
+    for k, v in t.items():
+        if "q_proj" in k:
+            np.testing.assert_allclose(v.astype(np.float32), expected["merged." + k], atol=2e-2)
+
+
+def test_merge_refuses_pickle_and_writes_nothing_on_error(tmp_path, capsys):
+    base = tmp_path / "pickled"
+    base.mkdir()
+    (base / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    out = tmp_path / "out"
+    rc = cli.main(["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)])
+    assert rc == 2
+    assert "pickle" in capsys.readouterr().err
+    assert not out.exists()
+    # an adapter whose modules the checkpoint lacks: an error listing them, no output dir
+    base2 = _checkpoint(tmp_path, "llama_lora", 1)
+    t = load_file(base2 / "model.safetensors")
+    del t["model.layers.1.self_attn.q_proj.weight"]
+    save_file(t, base2 / "model.safetensors")
+    rc = cli.main(["merge", "--base", str(base2), "--adapter", str(FIX / "llama_lora"), "--out", str(out)])
+    assert rc == 2
+    assert "model.layers.1.self_attn.q_proj" in capsys.readouterr().err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
+
+
+def test_merge_safe_refuses_non_finite(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(FIX / "llama_lora", adapter)
+    t = load_file(adapter / "adapter_model.safetensors")
+    k = next(k for k in t if k.endswith("lora_B.weight"))
+    t[k] = np.full_like(t[k], np.inf)
+    save_file(t, adapter / "adapter_model.safetensors", {"format": "pt"})
+    base = _checkpoint(tmp_path, "llama_lora", 1)
+    out = tmp_path / "out"
+    rc = cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--safe"])
+    assert rc == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_inspect(capsys):
+    assert cli.main(["inspect", str(FIX / "llama_lokr")]) == 0
+    text = capsys.readouterr().out
+    assert "lokr" in text and "model.layers.1.self_attn.v_proj" in text
+    size = os.path.getsize(FIX / "llama_lokr" / "adapter_model.safetensors")
+    assert f"{size:,d} bytes" in text
+
+
+def test_demo_trains_merges_and_saves(tmp_path):
+    from peftjax.demo import run
+
+    res = run(method="lora", rank=4, steps=30, batch=8, seq=32, out=str(tmp_path / "a"), print_fn=lambda *a: None)
+    assert res["loss_after"] < res["loss_before"] - 0.3
+    assert res["merge_diff"] < 1e-3 and res["moved"] > 0.1
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
