@@ -4,6 +4,10 @@ Adapters (LoRA, DoRA, LoHa, LoKr, IA3, LN tuning) live in the params tree; every
 returns a new tree and leaves its input unchanged. The math and files are HF PEFT's.
 """
 
+from .checkpoint import (
+    AdapterCheckpointer as AdapterCheckpointer,
+    CheckpointNotFoundError as CheckpointNotFoundError,
+)
 from .config import (
     IA3Config as IA3Config,
     LNTuningConfig as LNTuningConfig,
@@ -52,6 +56,8 @@ __version__ = "0.1.0"
 __all__ = sorted(
     [
         "Adapted",
+        "AdapterCheckpointer",
+        "CheckpointNotFoundError",
         "AdapterNameError",
         "ConfigError",
         "FormatError",
