@@ -27,6 +27,13 @@ from .errors import (
     UnsupportedModuleError as UnsupportedModuleError,
 )
 from .forward import apply as apply
+from .io import (
+    inspect_adapter as inspect_adapter,
+    load_pretrained as load_pretrained,
+    read_adapter as read_adapter,
+    save_pretrained as save_pretrained,
+    stacked_key_map as stacked_key_map,
+)
 from .layout import Layout as Layout
 from .methods import factorization as factorization
 from .node import Adapted as Adapted
@@ -73,6 +80,11 @@ __all__ = sorted(
         "TargetError",
         "UnsupportedModuleError",
         "active",
+        "stacked_key_map",
+        "save_pretrained",
+        "read_adapter",
+        "load_pretrained",
+        "inspect_adapter",
         "apply",
         "adapter_names",
         "combine",

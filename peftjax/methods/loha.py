@@ -6,6 +6,12 @@ where ``(in, out)`` is the layer's matrix view (a conv's ``in`` is ``in_channels
 PEFT flattens it). Delta: ``((w1_b @ w1_a) * (w2_b @ w2_a)) * scale``, PEFT's
 ``((w1a @ w1b) * (w2a @ w2b)) * scale`` transposed. LoHa has no cheaper factored form, so its
 forward builds the delta of one module inside the step (``x @ dW``).
+
+Effective conv (``use_effective_conv2d``, kernel larger than 1x1), PEFT's Tucker form:
+``hada_t1 (kh, kw, r, r)`` (PEFT ``[r, r, kh, kw]`` transposed as a conv kernel, ``(2, 3, 1, 0)``),
+``hada_w1_a (out, r)``, ``hada_w1_b (in_channels, r)`` (PEFT ``[r, out]``, ``[r, in]``
+transposed), same for ``2``; ``R = einsum('klji,nj,pi->klnp', t, w_b, w_a)`` is PEFT's
+``einsum('ijkl,jr,ip->prkl')`` in Flax layout and ``dW = R1 * R2 * scale``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ class LoHaSpec(Spec):
     rank_dropout: float = 0.0
     module_dropout: float = 0.0
     init_weights: bool = True
+    effective_conv: bool = False
 
     method: ClassVar[str] = "loha"
 
@@ -34,6 +41,8 @@ class LoHaSpec(Spec):
     def init_layer(self, key, w_layer, scale, dtype):
         n_in, n_out = self.in_out
         r = self.r
+        if self.effective_conv:
+            return self._init_effective(key, dtype)
         k = jax.random.split(key, 4)
         w2_b = (
             kaiming_uniform(k[3], (n_in, r), n_in, dtype)
@@ -47,7 +56,40 @@ class LoHaSpec(Spec):
             "hada_w2_b": w2_b,
         }
 
+    def _init_effective(self, key, dtype):
+        r, sp = self.r, self.layout.spatial(self.shape)
+        cin, cout = self.shape[-2], self.shape[-1]
+        ksz = 1
+        for s in sp:
+            ksz *= s
+        k = jax.random.split(key, 6)
+        zero_b = self.init_weights is not False
+        return {
+            "hada_t1": kaiming_uniform(k[0], (*sp, r, r), r * ksz, dtype),
+            "hada_w1_a": kaiming_uniform(k[1], (cout, r), cout, dtype),
+            "hada_w1_b": kaiming_uniform(k[2], (cin, r), cin, dtype),
+            "hada_t2": kaiming_uniform(k[3], (*sp, r, r), r * ksz, dtype),
+            "hada_w2_a": kaiming_uniform(k[4], (cout, r), cout, dtype),
+            "hada_w2_b": jnp.zeros((cin, r), dtype)
+            if zero_b
+            else kaiming_uniform(k[5], (cin, r), cin, dtype),
+        }
+
+    def delta_layer(self, arrays, scale):
+        if not self.effective_conv:
+            return super().delta_layer(arrays, scale)
+        f = lambda n: arrays[n].astype(jnp.float32)
+        r1 = jnp.einsum("...ji,nj,pi->...np", f("hada_t1"), f("hada_w1_b"), f("hada_w1_a"))
+        r2 = jnp.einsum("...ji,nj,pi->...np", f("hada_t2"), f("hada_w2_b"), f("hada_w2_a"))
+        return r1 * r2 * scale
+
+    @property
+    def factored(self) -> bool:  # type: ignore[override]
+        return not self.effective_conv
+
     def delta_matrix(self, arrays, scale):
+        if self.effective_conv:
+            return self.to_matrix(self.delta_layer(arrays, scale))
         f = lambda n: arrays[n].astype(jnp.float32)
         return (f("hada_w1_b") @ f("hada_w1_a")) * (f("hada_w2_b") @ f("hada_w2_a")) * scale
 

@@ -10,6 +10,10 @@ orientation), so ``dW^T = kron(w1^T, w2^T)`` is the ``(in, out)`` delta:
   (decomposed when ``r < max(b, d) / 2``).
 
 A conv's ``in`` is its channel count (PEFT factors channels, not the flattened kernel).
+Effective conv (``use_effective_conv2d``, decomposed ``w2``, kernel larger than 1x1):
+``lokr_t2 (kh, kw, r, r)`` (PEFT ``[r, r, kh, kw]`` transposed ``(2, 3, 1, 0)``),
+``lokr_w2_a (b, r)``, ``lokr_w2_b (d, r)`` (PEFT ``[r, b]``, ``[r, d]`` transposed) and
+``w2 = einsum('klji,nj,pi->klnp', t2, w2_b, w2_a)``, PEFT's ``einsum('ijkl,ip,jr->prkl')``.
 Forward never builds the Kronecker product: ``x (N, c*d) -> (N, c, d)`` and
 ``y = einsum('ncd,ca,db->nab')``, ``2 N (c d b + c a b)`` FLOPs instead of ``2 N c d a b``.
 """
@@ -61,14 +65,15 @@ class LoKrSpec(Spec):
     module_dropout: float = 0.0
     rank_dropout_scale: bool = False
     init_weights: bool | str = True
+    use_effective_conv2d: bool = False
 
     method: ClassVar[str] = "lokr"
 
     def __post_init__(self):
         if self.layout.kind == "conv" and len(self.layout.spatial(self.shape)) != 2:
             raise UnsupportedModuleError(
-                "LoKr adapts dense kernels, 2-D conv kernels and embeddings; got a conv kernel of "
-                f"shape {self.shape}."
+                "lokr adapts dense and 2-D conv weights (as PEFT: Linear, Conv2d); got a conv "
+                f"kernel of shape {self.shape}."
             )
 
     # ---- factor shapes ----------------------------------------------------------------------
@@ -92,6 +97,12 @@ class LoKrSpec(Spec):
         _, b, _, d = self.dims
         return not (self.r < max(b, d) / 2)
 
+    @property
+    def effective_conv(self) -> bool:
+        """PEFT: ``use_effective_conv2d`` and a kernel larger than 1x1, in the decomposed branch."""
+        sp = self.layout.spatial(self.shape)
+        return self.use_effective_conv2d and bool(sp) and tuple(sp) != (1, 1) and not self.use_w2
+
     def describe(self) -> str:
         return f"lokr(r={self.r})"
 
@@ -102,7 +113,7 @@ class LoKrSpec(Spec):
         ksz = 1
         for s in sp:
             ksz *= s
-        keys = iter(jax.random.split(key, 4))
+        keys = iter(jax.random.split(key, 5))
         lycoris = self.init_weights == "lycoris"
         zero_w1 = self.init_weights is True
         zero_w2 = lycoris
@@ -121,6 +132,12 @@ class LoKrSpec(Spec):
             out["lokr_w2"] = (
                 jnp.zeros(shape, dtype) if zero_w2 else kaiming_uniform(next(keys), shape, d * ksz, dtype)
             )
+        elif self.effective_conv:
+            out["lokr_t2"] = kaiming_uniform(next(keys), (*sp, r, r), r * ksz, dtype)
+            out["lokr_w2_a"] = kaiming_uniform(next(keys), (b, r), b, dtype)
+            out["lokr_w2_b"] = (
+                jnp.zeros((d, r), dtype) if zero_w2 else kaiming_uniform(next(keys), (d, r), d, dtype)
+            )
         else:
             out["lokr_w2_a"] = kaiming_uniform(next(keys), (r, b), r, dtype)
             out["lokr_w2_b"] = (
@@ -137,6 +154,8 @@ class LoKrSpec(Spec):
         w1 = f("lokr_w1") if "lokr_w1" in arrays else f("lokr_w1_b") @ f("lokr_w1_a")
         if "lokr_w2" in arrays:
             w2 = f("lokr_w2")
+        elif "lokr_t2" in arrays:
+            w2 = jnp.einsum("...ji,nj,pi->...np", f("lokr_t2"), f("lokr_w2_b"), f("lokr_w2_a"))
         else:
             w2 = f("lokr_w2_b") @ f("lokr_w2_a")  # (d * k, b), PEFT's inner order (d, kh, kw)
             sp = self.layout.spatial(self.shape)

@@ -1,0 +1,1077 @@
+"""HF PEFT adapter files: ``adapter_model.safetensors`` + ``adapter_config.json``.
+
+This is the only place where arrays change layout. Inside peftjax every adapter array is in Flax
+orientation (``in`` before ``out``); on disk it is what HF PEFT's ``save_pretrained`` writes:
+torch layouts, keys ``base_model.model.<module path>.<param>`` with the adapter name removed,
+float32 by default, ``{"format": "pt"}`` metadata. One table per method (`_rules`) says, for each
+adapter array, its PEFT key suffix and how it is transposed:
+
+=========  ====================  ==========================  ====================================
+method     array (Flax)          PEFT key suffix             torch layout
+=========  ====================  ==========================  ====================================
+LoRA       ``lora_A (in, r)``    ``lora_A.weight``           ``[r, in]``; conv ``[r, in, kh, kw]``
+           ``lora_B (r, out)``   ``lora_B.weight``           ``[out, r]``; conv ``[out, r, 1, 1]``
+embedding  ``lora_A (V, r)``     ``lora_embedding_A``        ``[r, V]``
+           ``lora_B (r, D)``     ``lora_embedding_B``        ``[D, r]``
+DoRA       ``(out,)``            ``lora_magnitude_vector``   ``[out]``; conv ``[1, out, 1, 1]``
+LoHa       ``hada_*`` 2-D        ``hada_w1_a`` ...           transposed
+           ``hada_t1/t2``        (effective conv)            ``(kh,kw,r,r)`` -> ``[r,r,kh,kw]``
+LoKr       ``lokr_*`` 2-D        ``lokr_w1`` ...             transposed
+           ``lokr_w2`` conv      ``lokr_w2``                 ``(kh,kw,d,b)`` -> ``[b,d,kh,kw]``
+           ``lokr_t2``           (effective conv)            ``(kh,kw,r,r)`` -> ``[r,r,kh,kw]``
+IA3        ``ia3_l (out,)``      ``ia3_l``                   ``[out, 1]``; conv ``[1, out, 1, 1]``
+           feedforward ``(in,)``                             ``[1, in]``;  conv ``[1, in, 1, 1]``
+LN tuning  a copy of each leaf   ``ln_tuning_layers.<p>``    the leaf in torch layout
+to save    a copy of each leaf   ``<p>`` (plain key)         the leaf in torch layout
+=========  ====================  ==========================  ====================================
+
+Leaf names map to torch parameter names as ``kernel``/``embedding``/``scale``/``w`` ->
+``weight`` and ``b`` -> ``bias``; a 2-D ``kernel`` is transposed, a conv kernel
+``(*spatial, in, out)`` becomes ``(out, in, *spatial)``.
+
+Module paths: by default a PEFT module path (the key minus ``base_model.model.`` and the suffix)
+*is* the peftjax module path. ``key_map`` is a callable ``(module_path) -> PEFT module path``,
+called as ``key_map(module_path, layer)`` for stacked (scanned) weights, whose one stacked
+adapter stands for one PEFT module per layer (`stacked_key_map`). The same ``key_map`` serves
+`save_pretrained` and `load_pretrained` (which inverts it over the modules of ``params``).
+
+The safetensors format is read and written here directly (an 8-byte header length, a JSON
+header, the raw little-endian bytes), so that bfloat16 works without torch; files are written
+to a temporary file in the same directory and moved into place, never half-written.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from . import paths as P
+from .config import (
+    PEFT_TYPES,
+    AdapterConfig,
+    IA3Config,
+    LNTuningConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    config_from_dict,
+)
+from .errors import AdapterNameError, ConfigError, FormatError, ShapeError, UnsupportedModuleError
+from .layout import LayoutSpec, resolve_layout
+from .methods import CopySpec, IA3BiasSpec, IA3Spec, LoHaSpec, LoKrSpec, LoraSpec, Spec
+from .node import is_adapted
+from .transforms import _modules, _walk, _weight_leaf, inject
+
+__all__ = [
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "inspect_adapter",
+    "load_pretrained",
+    "read_adapter",
+    "read_safetensors",
+    "save_pretrained",
+    "stacked_key_map",
+    "write_safetensors",
+]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+
+KeyMap = Callable[..., str]
+
+# ---------------------------------------------------------------------------------- safetensors
+
+_DTYPES: dict[str, Any] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
+) -> None:
+    """Write ``tensors`` as a safetensors file, atomically (temp file + ``os.replace``)."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs = []
+    offset = 0
+    for key in sorted(tensors):
+        a = np.ascontiguousarray(tensors[key])
+        if a.dtype not in _DTYPE_NAMES:
+            raise FormatError(f"tensor `{key}`: dtype {a.dtype} cannot be stored in safetensors.")
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        blob = a.tobytes()
+        header[key] = {
+            "dtype": _DTYPE_NAMES[a.dtype.newbyteorder("=")],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        offset += len(blob)
+        blobs.append(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    _atomic_write(Path(path), [struct.pack("<Q", len(head)), head, *blobs])
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(tensors, metadata)`` of a safetensors file; `FormatError` naming the file if it is
+    missing, truncated or malformed."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"cannot read `{path}`: {e.strerror or e}.") from None
+
+    def bad(why: str) -> FormatError:
+        return FormatError(f"`{path}` is not a valid safetensors file ({why}); is it truncated?")
+
+    if len(data) < 8:
+        raise bad(f"only {len(data)} bytes")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, _MAX_HEADER):
+        raise bad(f"header of {n} bytes in a file of {len(data)} bytes")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"unreadable header: {e}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    buf = memoryview(data)[8 + n :]
+    out: dict[str, np.ndarray] = {}
+    for key, info in header.items():
+        try:
+            dt = _DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry `{key}`: {info!r}") from None
+        if not 0 <= start <= end <= len(buf):
+            raise bad(f"tensor `{key}` needs bytes {start}..{end} of a {len(buf)}-byte buffer")
+        if end - start != math.prod(shape) * dt.itemsize:
+            raise bad(f"tensor `{key}`: {end - start} bytes for shape {list(shape)} {dt}")
+        le = dt.newbyteorder("<")
+        out[key] = np.frombuffer(buf[start:end], le).astype(dt).reshape(shape)
+    return out, dict(meta)
+
+
+def _atomic_write(path: Path, chunks) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------- layout rules
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    """How one Flax array (one layer) is stored in torch layout.
+
+    ``code``: ``id``; ``T`` (2-D transpose); ``conv`` (``(*sp, x, y)`` <-> ``(y, x, *sp)``);
+    ``convB`` (``(r, out)`` <-> ``(out, r, 1, ..)``); ``col`` (``(n,)`` <-> ``(n, 1)``); ``row``
+    (``(n,)`` <-> ``(1, n)``); ``vconv`` (``(n,)`` <-> ``(1, n, 1, ..)``).
+    """
+
+    code: str
+    nsp: int = 0
+
+    def torch_shape(self, s: tuple[int, ...]) -> tuple[int, ...]:
+        c, ones = self.code, (1,) * self.nsp
+        if c == "T":
+            return tuple(reversed(s))
+        if c == "conv":
+            return (s[-1], s[-2], *s[:-2])
+        if c == "convB":
+            return (s[1], s[0], *ones)
+        if c == "col":
+            return (s[0], 1)
+        if c == "row":
+            return (1, s[0])
+        if c == "vconv":
+            return (1, s[0], *ones)
+        return tuple(s)
+
+    def to_torch(self, a: np.ndarray) -> np.ndarray:
+        c = self.code
+        if c == "T":
+            return a.T
+        if c == "conv":
+            return np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(a.ndim - 2)))
+        if c == "convB":
+            return a.T.reshape(self.torch_shape(a.shape))
+        return a.reshape(self.torch_shape(a.shape))
+
+    def from_torch(self, t: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        c = self.code
+        if c == "T":
+            return t.T
+        if c == "conv":
+            return np.transpose(t, (*range(2, t.ndim), 1, 0))
+        if c == "convB":
+            return t.reshape(t.shape[:2]).T
+        return t.reshape(shape)
+
+
+def _effective(spec: Spec) -> bool:
+    """Whether a LoHa / LoKr conv adapter is in PEFT's effective-conv (Tucker) form."""
+    return bool(getattr(spec, "effective_conv", False))
+
+
+def _spatial(spec: Spec) -> tuple[int, ...]:
+    return tuple(spec.layout.spatial(spec.shape))
+
+
+def _nsp(spec: Spec) -> int:
+    return len(_spatial(spec))
+
+
+def _rules(spec: Spec) -> dict[str, tuple[str, _Rule]]:
+    """``{array name: (PEFT key suffix, rule)}`` of one adapter spec."""
+    kind, nsp = spec.layout.kind, _nsp(spec)
+    if isinstance(spec, LoraSpec):
+        if kind == "embed":
+            out = {
+                "lora_A": ("lora_embedding_A", _Rule("T")),
+                "lora_B": ("lora_embedding_B", _Rule("T")),
+            }
+            mag = _Rule("id")
+        elif kind == "conv":
+            out = {
+                "lora_A": ("lora_A.weight", _Rule("conv")),
+                "lora_B": ("lora_B.weight", _Rule("convB", nsp)),
+            }
+            mag = _Rule("vconv", nsp)
+        else:
+            out = {"lora_A": ("lora_A.weight", _Rule("T")), "lora_B": ("lora_B.weight", _Rule("T"))}
+            mag = _Rule("id")
+        if spec.use_dora:
+            out["lora_magnitude_vector"] = ("lora_magnitude_vector", mag)
+        return out
+    if isinstance(spec, LoHaSpec):
+        out = {n: (n, _Rule("T")) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        if _effective(spec):  # Tucker cores [r, r, kh, kw] <-> (kh, kw, r, r)
+            out.update({n: (n, _Rule("conv")) for n in ("hada_t1", "hada_t2")})
+        return out
+    if isinstance(spec, LoKrSpec):
+        names = ["lokr_w1"] if spec.use_w1 else ["lokr_w1_a", "lokr_w1_b"]
+        names += ["lokr_w2"] if spec.use_w2 else ["lokr_w2_a", "lokr_w2_b"]
+        if _effective(spec):
+            names.append("lokr_t2")
+        conv = kind == "conv"
+        return {
+            n: (n, _Rule("conv" if conv and n in ("lokr_w2", "lokr_t2") else "T")) for n in names
+        }
+    if isinstance(spec, IA3Spec):
+        code = "vconv" if kind == "conv" else ("row" if spec.feedforward else "col")
+        return {"ia3_l": ("ia3_l", _Rule(code, nsp))}
+    return {}
+
+
+#: PEFT key suffixes of each method's adapter parameters (the `_t*` ones: effective conv).
+_SUFFIXES = {
+    "LORA": (
+        "lora_A.weight",
+        "lora_B.weight",
+        "lora_B.bias",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    ),
+    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "IA3": ("ia3_l",),
+    "LN_TUNING": (),
+}
+_LN = "ln_tuning_layers"
+_BASE_LAYER = "base_layer"
+_TORCH_NAMES = {
+    "kernel": "weight",
+    "embedding": "weight",
+    "scale": "weight",
+    "w": "weight",
+    "b": "bias",
+}
+
+
+def _torch_name(leaf_name: str) -> str:
+    return _TORCH_NAMES.get(leaf_name, leaf_name)
+
+
+def _leaf_rule(leaf_name: str, shape: tuple[int, ...]) -> _Rule:
+    """Torch layout of a whole leaf (modules_to_save / LN tuning copies, base layers)."""
+    if leaf_name == "kernel" and len(shape) == 2:
+        return _Rule("T")
+    if leaf_name == "kernel" and len(shape) >= 3:
+        return _Rule("conv")
+    return _Rule("id")
+
+
+def _split_key(key: str, peft_type: str) -> tuple[str, str, str]:
+    """``(kind, PEFT module path, suffix)`` of a file key; kind is ``adapter`` (suffix from the
+    method table), ``ln`` (an LN tuning copy), ``base`` (a ``base_layer`` weight PEFT saves with
+    targeted embeddings) or ``copy`` (a ``modules_to_save`` parameter)."""
+    k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    for suffix in _SUFFIXES.get(peft_type, ()):
+        if k.endswith("." + suffix):
+            return "adapter", k[: -len(suffix) - 1], suffix
+    mod, _, param = k.rpartition(".")
+    if mod.endswith("." + _LN) or mod == _LN:
+        return "ln", mod[: -len(_LN)].rstrip("."), param
+    if mod.endswith("." + _BASE_LAYER):
+        return "base", mod[: -len(_BASE_LAYER) - 1], param
+    return "copy", mod, param
+
+
+# ---------------------------------------------------------------------------------- key maps
+
+
+def stacked_key_map(layers_name: str = "layers") -> KeyMap:
+    """A ``key_map`` for stacked (scanned) layers: ``(module_path, layer=None) -> PEFT path``.
+
+    Unstacked paths are returned unchanged; a stacked path gets the layer index inserted after
+    its ``layers_name`` segment: ``model.layers.self_attn.q_proj`` with layer 3 becomes
+    ``model.layers.3.self_attn.q_proj``. This is the default ``key_map``.
+
+    >>> stacked_key_map()("model.layers.self_attn.q_proj", 3)
+    'model.layers.3.self_attn.q_proj'
+    """
+
+    def key_map(path: str, layer: int | None = None) -> str:
+        if layer is None:
+            return path
+        parts = path.split(".")
+        if layers_name not in parts:
+            raise FormatError(
+                f"stacked module `{path}` has no `{layers_name}` segment to put the layer index "
+                f"after; pass `key_map=pj.io.stacked_key_map(layers_name=...)` or your own "
+                "`key_map(module_path, layer) -> PEFT module path`."
+            )
+        i = parts.index(layers_name)
+        return ".".join([*parts[: i + 1], str(layer), *parts[i + 1 :]])
+
+    return key_map
+
+
+def _map(key_map: KeyMap, path: str, layer: int | None) -> str:
+    out = key_map(path) if layer is None else key_map(path, layer)
+    if not isinstance(out, str):
+        raise FormatError(f"`key_map({path!r})` returned {out!r}; it must return a str.")
+    return out
+
+
+# ---------------------------------------------------------------------------------- save
+
+
+def _layers(spec: Spec) -> list[int | None]:
+    """Layer indices of a spec that carry the adapter (``[None]`` when not stacked)."""
+    if not spec.layout.stack:
+        return [None]
+    return [i for i, s in enumerate(spec.scaling) if s != 0]
+
+
+def _layer(a: np.ndarray, spec: Spec, i: int | None) -> np.ndarray:
+    if i is None:
+        return a
+    st = spec.layout.stack
+    return a.reshape((-1, *a.shape[st:]))[i]
+
+
+@dataclasses.dataclass
+class _Entry:
+    """One adapted PEFT module of an adapter: where it lives and its static spec."""
+
+    peft_path: str
+    module: str
+    layer: int | None
+    spec: Spec
+
+
+def _collect(params, name: str, key_map: KeyMap, dtype) -> tuple[dict, list[_Entry], list]:
+    """``(tensors, adapter entries, copy entries)`` of adapter ``name``, in PEFT form."""
+    tensors: dict[str, np.ndarray] = {}
+    owner: dict[str, str] = {}
+    entries: list[_Entry] = []
+    copies: list[tuple[str, str]] = []  # (kind, PEFT module path)
+
+    def put(key: str, value: np.ndarray, where: str):
+        if key in tensors:
+            raise FormatError(
+                f"`key_map` sends both `{owner[key]}` and `{where}` to the PEFT key `{key}`."
+            )
+        owner[key] = where
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            value = value.astype(np.float32 if dtype is None else jnp.dtype(dtype))
+        tensors[key] = np.ascontiguousarray(value)
+
+    for leaf in _walk(params)[0]:
+        node = leaf.value
+        if not is_adapted(node) or name not in node.names:
+            continue
+        spec, arrays = node.spec(name), node.arrays[name]
+        where = ".".join(leaf.names)
+        if isinstance(spec, IA3BiasSpec):
+            continue
+        if isinstance(spec, CopySpec):
+            if spec.layout.stack:
+                raise FormatError(
+                    f"`{where}`: saving a stacked {spec.kind} copy is not supported; PEFT has "
+                    "one module per layer."
+                )
+            pm = _map(key_map, leaf.module, None)
+            tname = _torch_name(leaf.name)
+            mid = f"{_LN}." if spec.kind == "ln_tuning" else ""
+            a = np.asarray(arrays["weight"])
+            put(f"{PREFIX}{pm}.{mid}{tname}", _leaf_rule(leaf.name, a.shape).to_torch(a), where)
+            copies.append((spec.kind, pm))
+            continue
+        rules = _rules(spec)
+        if not rules:
+            raise FormatError(
+                f"`{where}`: adapter {name!r} ({spec.describe()}) has no PEFT format."
+            )
+        host = {n: np.asarray(arrays[n]) for n in rules}  # one device -> host copy per array
+        for i in _layers(spec):
+            pm = _map(key_map, leaf.module, i)
+            entries.append(_Entry(pm, leaf.module, i, spec))
+            for arr_name, (suffix, rule) in rules.items():
+                put(f"{PREFIX}{pm}.{suffix}", rule.to_torch(_layer(host[arr_name], spec, i)), where)
+    return tensors, entries, copies
+
+
+def _alpha(scale: float, r: int, rslora: bool = False) -> int | float:
+    a = scale * (math.sqrt(r) if rslora else r)
+    ra = round(a)
+    return int(ra) if abs(a - ra) <= 1e-9 * max(1.0, abs(a)) else a
+
+
+def _common(values: list) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _one(entries: list[_Entry], field: str, get) -> Any:
+    vals = {get(e.spec) for e in entries}
+    if len(vals) > 1:
+        raise ConfigError(
+            f"the adapter's modules disagree on `{field}` ({sorted(map(repr, vals))}), which an "
+            "adapter_config.json holds once; pass `config=` to `save_pretrained`."
+        )
+    return vals.pop()
+
+
+def config_from_specs(entries: list[_Entry], copies: list[tuple[str, str]]) -> AdapterConfig:
+    """Rebuild a PEFT config from the specs of one adapter (targets = exact PEFT paths).
+
+    ``r`` and ``alpha`` are the most common values; modules that differ get exact-path entries
+    in ``rank_pattern`` / ``alpha_pattern``. LoRA alpha is ``scaling * r``, or
+    ``scaling * sqrt(r)`` with ``use_rslora=True`` when that gives whole numbers and fewer
+    patterns (both give exactly the adapter's scalings).
+    """
+    mts = sorted({pm for kind, pm in copies if kind == "modules_to_save"}) or None
+    ln = sorted({pm for kind, pm in copies if kind == "ln_tuning"})
+    if not entries:
+        if ln:
+            return LNTuningConfig(target_modules=ln, modules_to_save=mts, inference_mode=True)
+        raise ConfigError(
+            "the adapter holds only `modules_to_save` copies; PEFT needs a method config: pass "
+            "`config=` to `save_pretrained`."
+        )
+    if ln:
+        raise ConfigError("an adapter mixing LN tuning with another method has no PEFT config.")
+    methods = {e.spec.method for e in entries}
+    if len(methods) > 1:
+        raise ConfigError(f"the adapter mixes methods {sorted(methods)}; PEFT has one per adapter.")
+    method = methods.pop()
+    targets = sorted({e.peft_path for e in entries})
+    common: dict[str, Any] = dict(target_modules=targets, modules_to_save=mts, inference_mode=True)
+    if method == "ia3":
+        ff = sorted({e.peft_path for e in entries if e.spec.feedforward}) or None
+        init = _one(entries, "init_ia3_weights", lambda s: s.init_weights)
+        return IA3Config(**common, feedforward_modules=ff, init_ia3_weights=init)
+    rank = {e.peft_path: e.spec.r for e in entries}
+
+    def alphas(rslora: bool) -> dict[str, int | float]:
+        return {
+            e.peft_path: _alpha(e.spec.scaling[e.layer or 0], e.spec.r, rslora) for e in entries
+        }
+
+    def untidy(a: dict) -> tuple[int, int]:
+        return sum(isinstance(v, float) for v in a.values()), len(set(a.values()))
+
+    alpha, rslora = alphas(False), False
+    if method == "lora" and untidy(alphas(True)) < untidy(alpha):
+        alpha, rslora = alphas(True), True  # e.g. an rsLoRA adapter: whole alphas, fewer patterns
+    r0, a0 = _common(list(rank.values())), _common(list(alpha.values()))
+    rp = {k: v for k, v in sorted(rank.items()) if v != r0}
+    ap = {k: v for k, v in sorted(alpha.items()) if v != a0}
+    common.update(r=r0, rank_pattern=rp, alpha_pattern=ap)
+    if method == "lora":
+        return LoraConfig(
+            **common,
+            use_rslora=rslora,
+            lora_alpha=a0,
+            use_dora=_one(entries, "use_dora", lambda s: s.use_dora),
+            lora_dropout=_one(entries, "lora_dropout", lambda s: s.lora_dropout),
+            init_lora_weights=_one(entries, "init_lora_weights", lambda s: s.init_weights),
+        )
+    lyco = dict(
+        alpha=a0,
+        rank_dropout=_one(entries, "rank_dropout", lambda s: s.rank_dropout),
+        module_dropout=_one(entries, "module_dropout", lambda s: s.module_dropout),
+        init_weights=_one(entries, "init_weights", lambda s: s.init_weights),
+    )
+    # PEFT's flag only matters for conv kernels larger than 1x1: read it from those
+    big = [e for e in entries if e.spec.layout.kind == "conv" and math.prod(_spatial(e.spec)) > 1]
+    effective = _one(big, "use_effective_conv2d", _effective) if big else False
+    if method == "loha":
+        return LoHaConfig(**common, **lyco, use_effective_conv2d=effective)
+    return LoKrConfig(
+        **common,
+        **lyco,
+        use_effective_conv2d=_one(
+            big or entries, "use_effective_conv2d", lambda s: s.use_effective_conv2d
+        )
+        if hasattr(entries[0].spec, "use_effective_conv2d")
+        else effective,
+        decompose_both=_one(entries, "decompose_both", lambda s: s.decompose_both),
+        decompose_factor=_one(entries, "decompose_factor", lambda s: s.decompose_factor),
+        rank_dropout_scale=_one(entries, "rank_dropout_scale", lambda s: s.rank_dropout_scale),
+    )
+
+
+def _module_r_alpha(config: AdapterConfig, peft_path: str) -> tuple[int, float]:
+    r = P.get_pattern_value(peft_path, config.rank_pattern, config.r)
+    default_alpha = config.lora_alpha if isinstance(config, LoraConfig) else config.alpha
+    return int(r), P.get_pattern_value(
+        peft_path, config.alpha_pattern, default_alpha, "alpha_pattern"
+    )
+
+
+def _check_config(config: AdapterConfig, entries: list[_Entry]) -> None:
+    """A `config=` given to `save_pretrained` must describe the adapter that is saved."""
+    methods = {e.spec.method for e in entries}
+    if entries and methods != {config.method}:
+        raise ConfigError(
+            f"`config` is a {type(config).__name__} but the adapter is {sorted(methods)}."
+        )
+    targets = config.target_modules
+    for e in entries:
+        hit = (
+            P.is_all_linear(targets)
+            or P.matches_target(
+                e.peft_path,
+                targets,
+                layers_to_transform=getattr(config, "layers_to_transform", None),
+                layers_pattern=getattr(config, "layers_pattern", None),
+            )
+        ) and not P.is_excluded(e.peft_path, config.exclude_modules)
+        if not hit:
+            raise ConfigError(
+                f"`config` does not target module `{e.peft_path}`, which carries the adapter; "
+                "PEFT would not load its weights."
+            )
+        if isinstance(config, IA3Config) and e.spec.feedforward != _is_ff(
+            e.peft_path, config.feedforward_modules
+        ):
+            raise ConfigError(
+                f"`config.feedforward_modules` disagrees with the adapter on `{e.peft_path}`."
+            )
+    if config.method not in ("lora", "loha", "lokr"):
+        return
+    for e in entries:
+        r, alpha = _module_r_alpha(config, e.peft_path)
+        s = config.scaling(r, alpha)
+        have = e.spec.scaling[e.layer or 0]
+        if r != e.spec.r or not math.isclose(s, have, rel_tol=1e-6):
+            raise ConfigError(
+                f"`config` gives module `{e.peft_path}` r={r}, scaling={s:g}, but its adapter has "
+                f"r={e.spec.r}, scaling={have:g}; PEFT would compute a different delta."
+            )
+
+
+def save_pretrained(
+    params,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    key_map: KeyMap | None = None,
+    dtype=None,
+    config: AdapterConfig | None = None,
+) -> Path:
+    """Write adapter ``name`` in HF PEFT's format: safetensors weights + ``adapter_config.json``.
+
+    Args:
+      params: a tree carrying adapter ``name``.
+      path: the output directory (created if needed). As PEFT, the ``default`` adapter is written
+        in ``path`` itself and any other in ``path/<name>/``.
+      name: the adapter to save.
+      key_map: ``(module_path[, layer]) -> PEFT module path``; default `stacked_key_map()`
+        (identity, with ``.layers.<i>.`` inserted for stacked weights).
+      dtype: dtype of the saved float tensors (default float32, PEFT's default).
+      config: the config to write. Default: rebuilt from the adapter's specs (targets are the
+        exact PEFT module paths; per-module ranks and alphas in ``rank_pattern`` /
+        ``alpha_pattern``). A given config is checked against the adapter's ranks and scalings.
+
+    Returns:
+      The directory written.
+    """
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError(f"`name` must be a non-empty str, got {name!r}.")
+    key_map = key_map or stacked_key_map()
+    tensors, entries, copies = _collect(params, name, key_map, dtype)
+    if not tensors:
+        names = sorted({n for l in _walk(params)[0] if is_adapted(l.value) for n in l.value.names})
+        raise AdapterNameError(
+            f"`name`: no adapter named {name!r} to save; the adapters are {names}."
+        )
+    if config is None:
+        config = config_from_specs(entries, copies)
+    elif not isinstance(config, AdapterConfig):
+        raise ConfigError(f"`config` must be a peftjax config, got {type(config).__name__}.")
+    else:
+        _check_config(config, entries)
+    out = Path(path) if name == "default" else Path(path) / name
+    out.mkdir(parents=True, exist_ok=True)
+    d = config.to_dict()
+    d["inference_mode"] = True  # as PEFT's save_pretrained
+    text = json.dumps(d, indent=2, sort_keys=True)
+    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
+    _atomic_write(out / CONFIG_NAME, [text.encode()])
+    return out
+
+
+# ---------------------------------------------------------------------------------- read
+
+
+def _adapter_dir(path: str | os.PathLike, name: str = "default") -> Path:
+    p = Path(path)
+    if p.is_file() and p.name in (WEIGHTS_NAME, CONFIG_NAME):
+        p = p.parent
+    if not p.exists():
+        raise FormatError(f"adapter directory `{p}` does not exist.")
+    if not p.is_dir():
+        raise FormatError(f"`{p}` is not a directory; point at a PEFT adapter directory.")
+    if not (p / CONFIG_NAME).exists() and name != "default" and (p / name / CONFIG_NAME).exists():
+        p = p / name
+    return p
+
+
+def _read_config_dict(d: Path) -> dict:
+    f = d / CONFIG_NAME
+    if not f.exists():
+        raise FormatError(f"`{d}` has no `{CONFIG_NAME}`; is it an HF PEFT adapter directory?")
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"`{f}` is not valid JSON: {e}.") from None
+    if not isinstance(cfg, dict):
+        raise FormatError(f"`{f}` does not hold a JSON object.")
+    pt = cfg.get("peft_type")
+    if not isinstance(pt, str) or pt.upper() not in PEFT_TYPES:
+        raise FormatError(
+            f"`{f}`: peft_type {pt!r} is not supported; peftjax reads {sorted(PEFT_TYPES)}."
+        )
+    return cfg
+
+
+def _read_weights(d: Path) -> dict[str, np.ndarray]:
+    f = d / WEIGHTS_NAME
+    if not f.exists():
+        pickles = [n for n in PICKLE_NAMES if (d / n).exists()]
+        if pickles:
+            raise FormatError(
+                f"`{d}` holds `{pickles[0]}` but no `{WEIGHTS_NAME}`: peftjax never loads pickle "
+                'files (they can run code). Convert it once with torch: `python -c "import torch; '
+                "from safetensors.torch import save_file; "
+                f"save_file(torch.load('{pickles[0]}', weights_only=True), '{WEIGHTS_NAME}', "
+                "metadata={'format': 'pt'})\"` to safetensors."
+            )
+        raise FormatError(f"`{d}` has no `{WEIGHTS_NAME}`.")
+    tensors, _ = read_safetensors(f)
+    return tensors
+
+
+def read_adapter(
+    path: str | os.PathLike, name: str = "default"
+) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
+    """``(config, tensors)`` of a PEFT adapter directory, tensors as stored (torch layout, full
+    PEFT keys). Raises `FormatError` for unreadable files or an unknown ``peft_type`` and
+    `ConfigError` for config fields peftjax does not support."""
+    d = _adapter_dir(path, name)
+    cfg = config_from_dict(_read_config_dict(d))
+    return cfg, _read_weights(d)
+
+
+def inspect_adapter(path: str | os.PathLike, name: str = "default") -> dict[str, Any]:
+    """A summary of a PEFT adapter directory (for the CLI): method, targets, ranks, sizes."""
+    d = _adapter_dir(path, name)
+    raw = _read_config_dict(d)
+    config = config_from_dict(raw)
+    tensors = _read_weights(d)
+    pt = raw["peft_type"].upper()
+    targets: set[str] = set()
+    saved: set[str] = set()
+    for k in tensors:
+        kind, mod, _ = _split_key(k, pt)
+        (targets if kind in ("adapter", "ln") else saved).add(mod)
+    method = config.method
+    if isinstance(config, LoraConfig) and config.use_dora:
+        method = "dora"
+    ranks = {}
+    if isinstance(config, (LoraConfig, LoHaConfig, LoKrConfig)):
+        ranks = {t: _module_r_alpha(config, t)[0] for t in sorted(targets)}
+    dtypes = sorted({str(v.dtype) for v in tensors.values()})
+    return {
+        "path": str(d),
+        "peft_type": pt,
+        "method": method,
+        "targets": sorted(targets),
+        "modules_to_save": sorted(saved),
+        "ranks": ranks,
+        "n_tensors": len(tensors),
+        "n_params": int(sum(v.size for v in tensors.values())),
+        "dtype": ",".join(dtypes),
+        "file_size": (d / WEIGHTS_NAME).stat().st_size,
+        "config": config.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------- load
+
+
+def _reverse_map(params, key_map: KeyMap, layouts: LayoutSpec) -> dict[str, tuple[str, int | None]]:
+    """``{PEFT module path: (module path, layer)}`` over every module of ``params``."""
+    leaves, _ = _walk(params)
+    out: dict[str, tuple[str, int | None]] = {}
+    for mod, group in _modules(leaves).items():
+        w = _weight_leaf(group)
+        n = 0
+        if w is not None:
+            try:
+                lay = resolve_layout(layouts, mod, w.name, w.base)
+                n = math.prod(lay.stack_shape(tuple(w.base.shape))) if lay.stack else 0
+            except UnsupportedModuleError:
+                n = 0
+        for i in range(n) if n else [None]:
+            try:
+                out.setdefault(_map(key_map, mod, i), (mod, i))
+            except FormatError:
+                break
+    return out
+
+
+def _is_ff(peft_path: str, ff) -> bool:
+    if not ff:
+        return False
+    if isinstance(ff, str):
+        return re.fullmatch(ff, peft_path) is not None
+    return any(peft_path.endswith(n) for n in ff)
+
+
+def _exact(paths) -> str:
+    return "|".join(re.escape(p) for p in sorted(paths, key=lambda p: (-len(p), p)))
+
+
+def _pattern(values: dict[str, Any]) -> dict[str, Any]:
+    """An exact-path rank/alpha pattern (longest paths first: the first match wins)."""
+    order = sorted(values, key=lambda p: (-p.count("."), -len(p), p))
+    return {re.escape(p): values[p] for p in order}
+
+
+def load_pretrained(
+    params,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    key_map: KeyMap | None = None,
+    layouts: LayoutSpec = None,
+    dtype=jnp.float32,
+    strict: bool = True,
+    activate: bool | None = None,
+):
+    """``params`` with adapter ``name`` injected from an HF PEFT adapter directory.
+
+    The directory is ``path`` itself (or ``path/<name>`` when ``path`` has no config and that
+    exists, PEFT's layout for non-default adapters). The config comes from
+    ``adapter_config.json``; the adapted modules are exactly those present in
+    ``adapter_model.safetensors``, each PEFT module path mapped to a module of ``params`` by
+    inverting ``key_map`` (default `stacked_key_map()`: the PEFT path minus
+    ``base_model.model.`` is the module path; stacked weights take ``...layers.<i>...``).
+
+    Args:
+      params: the base tree (never modified).
+      path: the adapter directory.
+      name: the name the adapter gets in ``params``.
+      key_map: ``(module_path[, layer]) -> PEFT module path``, the same one `save_pretrained` uses.
+      layouts: as `inject` (stacked and DenseGeneral weights).
+      dtype: dtype of the adapter arrays (float32, as PEFT).
+      strict: raise when the file has keys that match no module or lacks a targeted array.
+      activate: as `inject` (default: active when it is the first adapter).
+
+    Raises:
+      FormatError: missing, truncated or pickle-only files, unknown ``peft_type``, keys that match
+        no module, missing arrays.
+      ConfigError: config fields peftjax does not support.
+      ShapeError: a tensor whose shape does not fit its module (names key, expected, found).
+    """
+    key_map = key_map or stacked_key_map()
+    d = _adapter_dir(path, name)
+    raw = _read_config_dict(d)
+    config = config_from_dict(raw)
+    pt = config.peft_type
+    tensors = _read_weights(d)
+    rev = _reverse_map(params, key_map, layouts)
+
+    adapter: dict[str, dict[int | None, dict[str, str]]] = {}  # module -> layer -> suffix -> key
+    leaf_keys: dict[tuple[str, str, str], str] = {}  # (kind, module, torch param) -> key
+    peft_of: dict[tuple[str, int | None], str] = {}
+    unmatched = []
+    for k in sorted(tensors):
+        kind, pm, suffix = _split_key(k, pt)
+        hit = rev.get(pm)
+        if hit is None or (kind == "copy" and not getattr(config, "modules_to_save", None)):
+            unmatched.append(k)
+            continue
+        mod, layer = hit
+        if kind == "adapter":
+            adapter.setdefault(mod, {}).setdefault(layer, {})[suffix] = k
+            peft_of[(mod, layer)] = pm
+        elif layer is not None:
+            unmatched.append(k)
+        else:
+            leaf_keys[(kind, mod, suffix)] = k
+            if kind == "ln":
+                adapter.setdefault(mod, {})
+    if unmatched and strict:
+        raise FormatError(
+            f"`{d / WEIGHTS_NAME}`: {len(unmatched)} key(s) match no module of `params` "
+            f"(module paths look like {sorted(set(m for m, _ in rev.values()))[:5]}; pass "
+            "`key_map=` if the model names them differently, `layouts=` for stacked layers): "
+            f"{unmatched[:20]}"
+        )
+    if not adapter:
+        raise FormatError(f"`{d / WEIGHTS_NAME}` holds no {pt} adapter weights.")
+
+    # The config to inject: the file's, narrowed to exactly the modules present.
+    kw: dict[str, Any] = dict(target_modules=f"(?:{_exact(adapter)})", exclude_modules=None)
+    if hasattr(config, "layers_to_transform"):
+        kw.update(layers_to_transform=None, layers_pattern=None)
+    mts = sorted({m for (kind, m, _) in leaf_keys if kind == "copy"})
+    kw["modules_to_save"] = mts or None
+    scales: dict[str, dict[int | None, float]] = {}
+    if isinstance(config, (LoraConfig, LoHaConfig, LoKrConfig)):
+        ranks, alphas = {}, {}
+        for mod, layers in adapter.items():
+            ra = {i: _module_r_alpha(config, peft_of[(mod, i)]) for i in layers}
+            if len({r for r, _ in ra.values()}) > 1:
+                per_layer = {peft_of[(mod, i)]: r for i, (r, _) in ra.items()}
+                raise ConfigError(
+                    f"module `{mod}` is stacked but its layers have different ranks {per_layer}; "
+                    "one stacked adapter has one rank."
+                )
+            ranks[mod] = next(iter(ra.values()))[0]
+            alphas[mod] = next(iter(ra.values()))[1]
+            scales[mod] = {i: config.scaling(r, a) for i, (r, a) in ra.items()}
+        alpha_field = "lora_alpha" if isinstance(config, LoraConfig) else "alpha"
+        for field, pat, vals in (
+            ("r", "rank_pattern", ranks),
+            (alpha_field, "alpha_pattern", alphas),
+        ):
+            if len(set(vals.values())) == 1:
+                kw[field], kw[pat] = next(iter(vals.values())), {}
+            else:
+                kw[pat] = _pattern(vals)
+    else:
+        scales = {mod: {i: 1.0 for i in layers} for mod, layers in adapter.items()}
+    if isinstance(config, IA3Config):
+        ff = [
+            m
+            for m in adapter
+            if any(_is_ff(peft_of[(m, i)], config.feedforward_modules) for i in adapter[m])
+        ]
+        kw["feedforward_modules"] = f"(?:{_exact(ff)})" if ff else None
+    inner = dataclasses.replace(config, **kw)
+    new, concrete = _inject_shapes(
+        params, inner, name=name, layouts=layouts, dtype=dtype, activate=activate
+    )
+
+    used: set[str] = set()
+    missing: list[str] = []
+    orig = _walk(params)[0]
+    leaves, treedef = _walk(new)
+    out = []
+    for j, leaf in enumerate(leaves):
+        node = leaf.value
+        if not concrete:
+            # the abstract tree gets the real leaves, bases and other adapters' arrays back
+            old = orig[j].value
+            if is_adapted(node):
+                base = old.base if is_adapted(old) else old
+                node = node.replace(base=base, arrays=dict(old.arrays) if is_adapted(old) else {})
+            else:
+                node = old
+        if is_adapted(node) and name in node.names:
+            spec = node.spec(name)
+            init = _Init(spec, node.base, dtype, j, node.arrays.get(name) if concrete else None)
+            if isinstance(spec, CopySpec):
+                kind = "ln" if spec.kind == "ln_tuning" else "copy"
+                tn = _torch_name(leaf.name)
+                k = leaf_keys.get((kind, leaf.module, tn))
+                base = node.base
+                if k is None:
+                    mid = f"{_LN}." if kind == "ln" else ""
+                    missing.append(f"{leaf.module}.{mid}{tn}")
+                    arrays = init()
+                else:
+                    rule = _leaf_rule(leaf.name, tuple(base.shape))
+                    val = _from_file(k, tensors[k], rule, tuple(base.shape))
+                    arrays = {"weight": jnp.asarray(val, base.dtype)}
+                    used.add(k)
+            elif isinstance(spec, IA3BiasSpec):
+                arrays = {}
+            else:
+                spec, arrays = _fill(
+                    spec,
+                    init,
+                    adapter.get(leaf.module, {}),
+                    scales.get(leaf.module),
+                    tensors,
+                    used,
+                    missing,
+                    leaf.module,
+                    dtype,
+                )
+                node = node.replace(
+                    specs=tuple((n, spec if n == name else s) for n, s in node.specs)
+                )
+            node = node.replace(arrays={**node.arrays, name: arrays})
+        k = leaf_keys.get(("base", leaf.module, _torch_name(leaf.name)))
+        if k is not None:
+            base = node.base if is_adapted(node) else node
+            rule = _leaf_rule(leaf.name, tuple(base.shape))
+            val = jnp.asarray(_from_file(k, tensors[k], rule, tuple(base.shape)), base.dtype)
+            node = node.replace(base=val) if is_adapted(node) else val
+            used.add(k)
+        out.append(node)
+    if strict and missing:
+        raise FormatError(
+            f"`{d / WEIGHTS_NAME}` lacks {len(missing)} array(s) the config implies: {missing[:20]}"
+        )
+    left = sorted(set(tensors) - used - set(unmatched))
+    if strict and left:
+        raise FormatError(
+            f"`{d / WEIGHTS_NAME}`: {len(left)} key(s) do not fit the {pt} config "
+            f"({type(config).__name__}): {left[:20]}"
+        )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _inject_shapes(params, config, **kw):
+    """`inject` without computing any initial value (``jax.eval_shape``): the adapter arrays
+    come from the file. Returns ``(tree, concrete)``; falls back to a real `inject` (``concrete``
+    True) for trees that ``eval_shape`` cannot take (non-array leaves)."""
+    fn = lambda p: inject(p, config, key=jax.random.key(0), **kw)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(params)
+    if all(hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves):
+        return jax.eval_shape(fn, params), False
+    return fn(params), True
+
+
+class _Init:
+    """The arrays `inject` would give one node, computed only if some are not in the file."""
+
+    def __init__(self, spec: Spec, base, dtype, index: int, have=None):
+        self.spec, self.base, self.dtype, self.index, self.have = spec, base, dtype, index, have
+
+    def __call__(self) -> dict:
+        if self.have is None:
+            key = jax.random.fold_in(jax.random.key(0), self.index)
+            self.have = self.spec.init(key, self.base, self.dtype)
+        return dict(self.have)
+
+
+def _from_file(key: str, t: np.ndarray, rule: _Rule, shape: tuple[int, ...]) -> np.ndarray:
+    want = rule.torch_shape(tuple(shape))
+    if tuple(t.shape) != tuple(want):
+        raise ShapeError(
+            f"tensor `{key}` has shape {list(t.shape)}; the module expects {list(want)} "
+            "(torch layout)."
+        )
+    return rule.from_torch(t, tuple(shape))
+
+
+def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing, module, dtype):
+    """One node's arrays of the loaded adapter, from the file (all layers), and its spec with the
+    scaling of each layer (``0`` for stacked layers the file does not have)."""
+    rules = _rules(spec)
+    stack = spec.layout.stack_shape(spec.shape)
+    n = math.prod(stack) if stack else 1
+    idx = [None] if not stack else list(range(n))
+    base = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+    shapes = jax.eval_shape(lambda b: spec.init(jax.random.key(0), b, dtype), base)
+    arrays = {}
+    for arr_name, (suffix, rule) in rules.items():
+        shape = tuple(shapes[arr_name].shape)
+        layer_shape = shape[len(stack) :]
+        parts: list[np.ndarray | None] = []
+        for i in idx:
+            k = layers.get(i, {}).get(suffix)
+            if k is None:
+                if i in layers:
+                    missing.append(f"{module}{'' if i is None else f'[layer {i}]'}.{suffix}")
+                parts.append(None)
+                continue
+            parts.append(_from_file(k, tensors[k], rule, layer_shape))
+            used.add(k)
+        if any(p is None for p in parts):
+            fallback = np.asarray(init()[arr_name]).reshape((n, *layer_shape))
+            parts = [fallback[j] if p is None else p for j, p in enumerate(parts)]
+        stacked = np.stack(parts).reshape(shape) if stack else parts[0]
+        arrays[arr_name] = jnp.asarray(stacked, dtype)
+    if scales is not None:
+        new = tuple(float(scales.get(i, 0.0)) if i in layers else 0.0 for i in idx)
+        if new != tuple(spec.scaling):
+            spec = dataclasses.replace(spec, scaling=new)
+    return spec, arrays
