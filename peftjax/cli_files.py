@@ -10,9 +10,11 @@ everything is written to a temporary sibling directory that is renamed at the en
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -74,6 +76,33 @@ def _from_flax(w: np.ndarray, kind: str, ndim: int) -> np.ndarray:
     return w.transpose(2, 1, 0)
 
 
+def _header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shapes and dtypes of a safetensors file from its header alone (no tensor data read)."""
+    from . import io
+
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return {k: (tuple(v["shape"]), io._DTYPES[v["dtype"]]) for k, v in header.items()}
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        raise FormatError(
+            f"`{path}` is not a valid safetensors file ({e}); is it truncated?"
+        ) from None
+
+
+def _flax_shape(shape, kind: str) -> tuple[int, ...]:
+    shape = tuple(shape)
+    if kind == "embed":
+        return shape
+    if len(shape) == 2:
+        return shape[::-1]
+    if len(shape) == 4:
+        return (shape[2], shape[3], shape[1], shape[0])
+    return (shape[2], shape[1], shape[0])
+
+
 def _set(tree: dict, path: str, value) -> None:
     node = tree
     parts = path.split(".")
@@ -96,10 +125,9 @@ def merge_checkpoint(
 
     Returns a dict with the number of shards, merged modules and replaced tensors.
     """
-    import jax.numpy as jnp
+    import jax
 
     from . import io
-    from .transforms import merge_and_unload
 
     base, out = Path(base_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -111,10 +139,38 @@ def merge_checkpoint(
     for k in tensors:
         kind, mod, suffix = io._split_key(k, pt)
         if kind == "adapter":
-            kinds[mod] = "embed" if suffix.startswith("lora_embedding") else kinds.get(mod, "linear")
+            kinds[mod] = (
+                "embed" if suffix.startswith("lora_embedding") else kinds.get(mod, "linear")
+            )
         elif kind in ("copy", "ln"):
             replace[f"{mod}.{suffix}"] = tensors[k]
     files, index = _shards(base)
+    # One adapter load over every adapted module, with abstract base weights read from the
+    # shard headers; each module is then merged on its own, so the transient memory is one
+    # shard (read-only views of its bytes) plus one module's float32 copies.
+    where: dict[str, str] = {}
+    abstract: dict = {}
+    for fname in files:
+        for key, (shape, dtype) in _header(base / fname).items():
+            mod, _, param = key.rpartition(".")
+            if mod in kinds and param in ("weight", "bias"):
+                where.setdefault(mod, fname)
+                if param == "weight":
+                    leaf = "embedding" if kinds[mod] == "embed" else "kernel"
+                    _set(
+                        abstract,
+                        f"{mod}.{leaf}",
+                        jax.ShapeDtypeStruct(_flax_shape(shape, kinds[mod]), dtype),
+                    )
+                elif pt == "IA3":
+                    _set(abstract, f"{mod}.bias", jax.ShapeDtypeStruct(tuple(shape), dtype))
+    missing = sorted(set(kinds) - set(where))
+    if missing:
+        raise FormatError(
+            f"the adapter targets modules the checkpoint lacks: {missing[:10]}"
+            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+        )
+    adapted = io.load_pretrained(abstract, adapter_dir, name, strict=False) if kinds else {}
     parent = out.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
@@ -123,43 +179,13 @@ def merge_checkpoint(
     t0 = time.perf_counter()
     try:
         for i, fname in enumerate(files, 1):
-            shard, meta = io.read_safetensors(base / fname)
-            tree: dict = {}
-            here = []
-            for mod, kind in kinds.items():
-                wkey = f"{mod}.weight"
-                if wkey not in shard:
-                    continue
-                leaf, w = _to_flax(shard[wkey], kind)
-                entry = {leaf: w}
-                if pt == "IA3" and f"{mod}.bias" in shard:
-                    entry["bias"] = shard[f"{mod}.bias"]
-                _set(tree, mod, entry)
-                here.append((mod, kind, leaf))
-            if here:
-                q = io.load_pretrained(tree, adapter_dir, name, strict=False)
-                merged = merge_and_unload(q, safe=safe)
-                for mod, kind, leaf in here:
-                    entry = _get(merged, mod)
-                    w = np.asarray(entry[leaf])
-                    shard[f"{mod}.weight"] = _from_flax(w, kind, shard[f"{mod}.weight"].ndim)
-                    if "bias" in entry:
-                        shard[f"{mod}.bias"] = np.asarray(entry["bias"])
-                    done_mods.add(mod)
-            for key, value in replace.items():
-                if key in shard:
-                    if tuple(shard[key].shape) != tuple(value.shape):
-                        raise FormatError(
-                            f"`{key}`: the adapter's copy has shape {tuple(value.shape)}, the "
-                            f"checkpoint's {tuple(shard[key].shape)}."
-                        )
-                    shard[key] = np.asarray(jnp.asarray(value).astype(shard[key].dtype))
-                    done_repl.add(key)
-            io.write_safetensors(tmp / fname, shard, meta or {"format": "pt"})
-            del shard, tree
+            mods = {m for m, f in where.items() if f == fname}
+            _merge_shard(base / fname, tmp / fname, adapted, mods, kinds, replace, safe, done_repl)
+            done_mods |= mods
+            gc.collect()  # free this shard before reading the next one
             if progress:
                 _bar(i, len(files), time.perf_counter() - t0)
-        missing = sorted(set(kinds) - done_mods) + sorted(set(replace) - done_repl)
+        missing = sorted(set(replace) - done_repl)
         if missing:
             raise FormatError(
                 f"the adapter targets modules the checkpoint lacks: {missing[:10]}"
@@ -178,6 +204,59 @@ def merge_checkpoint(
         if progress:
             sys.stderr.write("\n")
     return {"shards": len(files), "modules": len(done_mods), "replaced": len(done_repl)}
+
+
+def _merge_shard(src, dst, adapted, mods, kinds, replace, safe, done_repl: set) -> None:
+    """Write shard ``src`` to ``dst``, merging the adapted modules ``mods`` one at a time just
+    before their tensors are written (at most one module's merged tensors held at once)."""
+    import jax.numpy as jnp
+
+    from . import io
+
+    shard, meta = io.read_safetensors(src)
+    todo = set(mods)
+    pending: dict[str, np.ndarray] = {}
+
+    def produce(key: str) -> np.ndarray:
+        if key in pending:
+            return pending.pop(key)
+        mod, _, param = key.rpartition(".")
+        if mod in todo and param in ("weight", "bias"):
+            todo.discard(mod)
+            pending.update(_merge_module(adapted, mod, kinds[mod], shard, safe))
+            return pending.pop(key)
+        if key in replace:
+            value = replace[key]
+            if tuple(shard[key].shape) != tuple(value.shape):
+                raise FormatError(
+                    f"`{key}`: the adapter's copy has shape {tuple(value.shape)}, the "
+                    f"checkpoint's {tuple(shard[key].shape)}."
+                )
+            done_repl.add(key)
+            return np.asarray(jnp.asarray(value).astype(shard[key].dtype))
+        return shard[key]
+
+    specs = {k: (v.shape, v.dtype) for k, v in shard.items()}
+    io.write_safetensors_streaming(dst, specs, produce, meta or {"format": "pt"})
+
+
+def _merge_module(adapted, mod: str, kind: str, shard, safe: bool) -> dict[str, np.ndarray]:
+    """Merged torch-layout tensors (``weight``, and ``bias`` under IA3) of one module."""
+    import jax.numpy as jnp
+
+    from .transforms import merge_and_unload
+
+    group = dict(_get(adapted, mod))
+    leaf = "embedding" if kind == "embed" else "kernel"
+    wkey = f"{mod}.weight"
+    group[leaf] = group[leaf].replace(base=jnp.asarray(_to_flax(shard[wkey], kind)[1]))
+    if "bias" in group:
+        group["bias"] = group["bias"].replace(base=jnp.asarray(shard[f"{mod}.bias"]))
+    merged = merge_and_unload({"m": group}, safe=safe)["m"]
+    out = {wkey: _from_flax(np.asarray(merged[leaf]), kind, shard[wkey].ndim)}
+    if "bias" in merged:
+        out[f"{mod}.bias"] = np.asarray(merged["bias"])
+    return out
 
 
 def _bar(i: int, n: int, dt: float, width: int = 24) -> None:

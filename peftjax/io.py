@@ -123,32 +123,63 @@ def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
 ) -> None:
     """Write ``tensors`` as a safetensors file, atomically (temp file + ``os.replace``)."""
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    specs = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+    write_safetensors_streaming(path, specs, arrays.__getitem__, metadata)
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    produce,
+    metadata: Mapping[str, str] | None,
+) -> None:
+    """Write a safetensors file whose tensors are made one at a time by ``produce(key)``.
+
+    ``specs`` gives each tensor's shape and dtype, so the header is written first and no more
+    than one produced tensor is held at a time. Atomic: a temp file renamed when complete.
+    """
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs = []
     offset = 0
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key])
-        if a.dtype not in _DTYPE_NAMES:
-            raise FormatError(f"tensor `{key}`: dtype {a.dtype} cannot be stored in safetensors.")
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        blob = a.tobytes()
+    keys = sorted(specs)
+    for key in keys:
+        shape, dtype = specs[key]
+        dtype = np.dtype(dtype)
+        if dtype not in _DTYPE_NAMES:
+            raise FormatError(f"tensor `{key}`: dtype {dtype} cannot be stored in safetensors.")
+        nbytes = math.prod(shape) * dtype.itemsize
         header[key] = {
-            "dtype": _DTYPE_NAMES[a.dtype.newbyteorder("=")],
-            "shape": list(a.shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "dtype": _DTYPE_NAMES[dtype.newbyteorder("=")],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += len(blob)
-        blobs.append(blob)
+        offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    _atomic_write(Path(path), [struct.pack("<Q", len(head)), head, *blobs])
+
+    def chunks():
+        yield struct.pack("<Q", len(head))
+        yield head
+        for key in keys:
+            a = np.asarray(produce(key))
+            shape, dtype = specs[key]
+            if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
+                raise FormatError(
+                    f"tensor `{key}`: expected {list(shape)} {np.dtype(dtype)}, got "
+                    f"{list(a.shape)} {a.dtype}."
+                )
+            a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+            yield memoryview(a.reshape(-1).view(np.uint8))
+
+    _atomic_write(Path(path), chunks())
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; `FormatError` naming the file if it is
-    missing, truncated or malformed."""
+    missing, truncated or malformed. Tensors are read-only views of the file's bytes (one copy
+    of the file in memory, none per tensor)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -184,7 +215,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], di
         if end - start != math.prod(shape) * dt.itemsize:
             raise bad(f"tensor `{key}`: {end - start} bytes for shape {list(shape)} {dt}")
         le = dt.newbyteorder("<")
-        out[key] = np.frombuffer(buf[start:end], le).astype(dt).reshape(shape)
+        out[key] = np.frombuffer(buf[start:end], le).astype(dt, copy=False).reshape(shape)
     return out, dict(meta)
 
 
