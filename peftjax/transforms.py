@@ -1,9 +1,9 @@
 """The pure transforms: inject, set_active, delete, merge, unmerge, merge_and_unload, unload,
 and the queries. None of them modifies its input; each returns a new tree.
 
-Module paths: a leaf named ``kernel``, ``embedding``, ``weight`` or ``w`` (or any leaf with
-fewer than 2 dims: biases, norm scales) belongs to the module of its parent dict, whose dotted
-path (leading linen ``params`` collection dropped) is the module path. Any other array leaf
+Module paths: a leaf named ``kernel``, ``embedding``, ``weight``, ``w``, ``bias``, ``b`` or
+``scale`` (or any leaf with fewer than 2 dims) belongs to the module of its parent dict, whose
+dotted path (leading linen ``params`` collection dropped) is the module path. Any other array leaf
 with 2 or more dims is a module of its own, named by its full path (plain trees like
 ``{"q": W_q, "k": W_k}``).
 """
@@ -28,6 +28,9 @@ from .node import Adapted, is_adapted, leaves_with_paths
 
 WEIGHT_NAMES = ("kernel", "weight", "embedding", "w")
 BIAS_NAMES = ("bias", "b")
+# Leaves that belong to their parent dict's module whatever their rank: a DenseGeneral bias
+# (heads, head_dim) or a scanned layer's bias / norm scale (L, features) is not a module.
+MEMBER_NAMES = WEIGHT_NAMES + BIAS_NAMES + ("scale",)
 ADAPTABLE = {
     "lora": ("dense", "conv", "embed"),
     "loha": ("dense", "conv"),
@@ -67,8 +70,10 @@ def _walk(params) -> tuple[list[_Leaf], Any]:
         name = names[-1] if names else ""
         base = leaf.base if is_adapted(leaf) else leaf
         ndim = len(getattr(base, "shape", ()))
-        own = name not in WEIGHT_NAMES and ndim >= 2
-        module = _dotted(names) if own else _dotted(names[:-1])
+        own = name not in MEMBER_NAMES and ndim >= 2
+        module = _dotted(names[:-1])
+        if own or not module:  # a weight at the root is a module of its own
+            module = _dotted(names)
         leaves.append(_Leaf(i, names, name, module, leaf))
     return leaves, treedef
 
@@ -90,7 +95,7 @@ def _weight_leaf(group: list[_Leaf]) -> _Leaf | None:
         for l in arrays:
             if l.name == wname:
                 return l
-    own = [l for l in arrays if l.name not in WEIGHT_NAMES]
+    own = [l for l in arrays if l.name not in MEMBER_NAMES]
     return own[0] if len(own) == 1 else None
 
 
@@ -111,12 +116,29 @@ def _global_active(leaves) -> tuple[str, ...]:
 
 
 def adapter_names(params) -> tuple[str, ...]:
-    """Names of the adapters in ``params``, in the order they were injected."""
+    """Names of the adapters in ``params``, in the order they were injected.
+
+    Each node lists its adapters in injection order; the lists are merged (a topological
+    order, ties broken by first appearance in the tree), so an adapter injected later is never
+    listed before an earlier one that shares a module with it. The order of adapters that share
+    no module (directly or through others) is not recorded and follows the tree.
+    """
     seen: dict[str, None] = {}
+    after: dict[str, set[str]] = {}
     for node in _nodes(_walk(params)[0]):
-        for n in node.names:
+        names = node.names
+        for n in names:
             seen[n] = None
-    return tuple(seen)
+            after.setdefault(n, set())
+        for a, b in zip(names, names[1:], strict=False):
+            after[b].add(a)
+    out: list[str] = []
+    left = list(seen)
+    while left:
+        ready = next((n for n in left if not (after[n] & set(left))), left[0])
+        out.append(ready)
+        left.remove(ready)
+    return tuple(out)
 
 
 def active(params) -> tuple[str, ...]:
@@ -168,24 +190,17 @@ def _specs_for(config: AdapterConfig, module: str, layout: Layout, shape, mask, 
             init_weights=config.init_lora_weights,
         )
     if method == "loha":
-        if config.use_effective_conv2d and layout.kind == "conv" and _ksize(layout, shape) > 1:
-            raise ConfigError(
-                f"module `{module}`: `use_effective_conv2d=True` (LoHa's Tucker conv form) is not "
-                "supported yet; set it to False."
-            )
         return LoHaSpec(
             **common,
             r=r,
             rank_dropout=float(config.rank_dropout),
             module_dropout=float(config.module_dropout),
             init_weights=config.init_weights,
+            effective_conv=bool(config.use_effective_conv2d)
+            and layout.kind == "conv"
+            and _ksize(layout, shape) > 1,
         )
     if method == "lokr":
-        if config.use_effective_conv2d and layout.kind == "conv" and _ksize(layout, shape) > 1:
-            raise ConfigError(
-                f"module `{module}`: `use_effective_conv2d=True` (LoKr's Tucker conv form) is not "
-                "supported yet; set it to False."
-            )
         return LoKrSpec(
             **common,
             r=r,
@@ -195,6 +210,7 @@ def _specs_for(config: AdapterConfig, module: str, layout: Layout, shape, mask, 
             module_dropout=float(config.module_dropout),
             rank_dropout_scale=config.rank_dropout_scale,
             init_weights=config.init_weights,
+            use_effective_conv2d=bool(config.use_effective_conv2d),
         )
     if method == "ia3":
         ff = config.feedforward_modules
@@ -290,7 +306,11 @@ def inject(
     save_paths = P.select_modules_to_save(list(groups), mts) if mts else []
     linear = None
     if P.is_all_linear(config.target_modules):
-        items = [(m, w.name, w.base.ndim) for m in candidates if (w := _weight_leaf(groups[m]))]
+        items = [
+            (m, w.name, _linear_ndim(layouts, m, w))
+            for m in candidates
+            if (w := _weight_leaf(groups[m]))
+        ]
         linear = P.select_all_linear(items, task_type=getattr(config, "task_type", None))
     ltt = getattr(config, "layers_to_transform", None)
     lpat = getattr(config, "layers_pattern", None)
@@ -308,8 +328,9 @@ def inject(
     for mod in selected:
         group = groups[mod]
         if method == "ln_tuning":
-            lay = resolve_layout(layouts, mod, "", group[0].base) if layouts else None
-            plan.append((mod, group, lay))
+            # A copy is taken whole (LN tuning has no per-layer filter), so `layouts` (which
+            # describe matrix views, and need not fit a 1-D or stacked norm) do not apply.
+            plan.append((mod, group, None))
             continue
         w = _weight_leaf(group)
         lay = resolve_layout(layouts, mod, w.name, w.base)
@@ -324,7 +345,11 @@ def inject(
         plan = [
             item
             for item in plan
-            if (item[2] is not None and item[2].stack)
+            if (
+                item[2] is not None
+                and item[2].stack
+                and any(_layer_mask(config, item[0], item[2], item[1].base.shape))
+            )  # a stacked weight with no selected layer slice is not adapted
             or P.matches_target(
                 item[0], config.target_modules, layers_to_transform=ltt, layers_pattern=lpat
             )
@@ -375,7 +400,10 @@ def inject(
             mod, alpha_pattern, getattr(config, "lora_alpha", getattr(config, "alpha", 1))
         )
         mask = _layer_mask(config, mod, lay, w.base.shape)
-        spec = _specs_for(config, mod, lay, w.base.shape, mask, r, alpha)
+        try:
+            spec = _specs_for(config, mod, lay, w.base.shape, mask, r, alpha)
+        except UnsupportedModuleError as err:  # a spec's own shape check: name the module
+            raise UnsupportedModuleError(f"module `{mod}`: {err}") from None
         arrays = spec.init(mkey, w.base, dtype)
         new[w.index] = dataclasses.replace(w, value=_new_node(w, name, spec, arrays, act))
         if isinstance(spec, IA3Spec) and not spec.feedforward:
@@ -391,13 +419,28 @@ def inject(
     for j, mod in enumerate(save_paths):
         for l in _subtree(groups, mod):
             spec = CopySpec(
-                layout=Layout("dense"), shape=tuple(l.base.shape), scaling=(1.0,), kind="modules_to_save"
+                layout=Layout("dense"),
+                shape=tuple(l.base.shape),
+                scaling=(1.0,),
+                kind="modules_to_save",
             )
             new[l.index] = dataclasses.replace(
                 l, value=_new_node(new[l.index], name, spec, spec.init(None, l.base), act)
             )
     new = [_with_active(l, act) for l in new]
     return _rebuild(treedef, new)
+
+
+def _linear_ndim(layouts: LayoutSpec, mod: str, w: _Leaf) -> int:
+    """A weight's ndim as ``"all-linear"`` sees it: 2 for a kernel that ``layouts`` reads as one
+    dense matrix per layer (stacked or DenseGeneral kernels are Linear layers), else its own."""
+    if layouts:
+        try:
+            if resolve_layout(layouts, mod, w.name, w.base).kind == "dense":
+                return 2
+        except UnsupportedModuleError:
+            pass
+    return w.base.ndim
 
 
 def _str_tuple(t) -> tuple[str, ...]:
@@ -435,7 +478,9 @@ def set_active(params, names: str | Sequence[str] | None):
     leaves, treedef = _walk(params)
     for l in leaves:
         if is_adapted(l.value):
-            copies = [n for n in names if n in l.value.names and isinstance(l.value.spec(n), CopySpec)]
+            copies = [
+                n for n in names if n in l.value.names and isinstance(l.value.spec(n), CopySpec)
+            ]
             if len(copies) > 1:
                 raise AdapterNameError(
                     f"`names`: adapters {copies} each replace module `{l.module}` (LN tuning / "
@@ -496,7 +541,9 @@ def _ia3_bias_factor(group: list[_Leaf], bias_node: Adapted, name: str):
             o_spec = owner.spec(name)
             if o_spec.layout.stack:
                 l_ = owner.arrays[name]["ia3_l"].astype(jnp.float32)
-                on = (o_spec.scale_array() != 0).reshape(o_spec.layout.stack_shape(o_spec.shape) + (1,))
+                on = (o_spec.scale_array() != 0).reshape(
+                    o_spec.layout.stack_shape(o_spec.shape) + (1,)
+                )
                 return jnp.where(on, l_, jnp.ones_like(l_))
             return vec
     raise MergeError(f"IA3 bias owner `{spec.owner}` not found")
@@ -542,6 +589,8 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
     leaves, treedef = _walk(params)
     names = tuple(_global_active(leaves) if names is None else names)
     _check_names(params, names, "names")
+    if len(set(names)) != len(names):  # would fold the same delta in twice
+        raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
     groups = _modules(leaves)
     out = []
     for l in leaves:

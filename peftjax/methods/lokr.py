@@ -120,23 +120,31 @@ class LoKrSpec(Spec):
         out = {}
         if self.use_w1:
             out["lokr_w1"] = (
-                jnp.zeros((c, a), dtype) if zero_w1 else kaiming_uniform(next(keys), (c, a), c, dtype)
+                jnp.zeros((c, a), dtype)
+                if zero_w1
+                else kaiming_uniform(next(keys), (c, a), c, dtype)
             )
         else:
             out["lokr_w1_a"] = (
-                jnp.zeros((r, a), dtype) if zero_w1 else kaiming_uniform(next(keys), (r, a), r, dtype)
+                jnp.zeros((r, a), dtype)
+                if zero_w1
+                else kaiming_uniform(next(keys), (r, a), r, dtype)
             )
             out["lokr_w1_b"] = kaiming_uniform(next(keys), (c, r), c, dtype)
         if self.use_w2:
             shape = (*sp, d, b)
             out["lokr_w2"] = (
-                jnp.zeros(shape, dtype) if zero_w2 else kaiming_uniform(next(keys), shape, d * ksz, dtype)
+                jnp.zeros(shape, dtype)
+                if zero_w2
+                else kaiming_uniform(next(keys), shape, d * ksz, dtype)
             )
         elif self.effective_conv:
             out["lokr_t2"] = kaiming_uniform(next(keys), (*sp, r, r), r * ksz, dtype)
             out["lokr_w2_a"] = kaiming_uniform(next(keys), (b, r), b, dtype)
             out["lokr_w2_b"] = (
-                jnp.zeros((d, r), dtype) if zero_w2 else kaiming_uniform(next(keys), (d, r), d, dtype)
+                jnp.zeros((d, r), dtype)
+                if zero_w2
+                else kaiming_uniform(next(keys), (d, r), d, dtype)
             )
         else:
             out["lokr_w2_a"] = kaiming_uniform(next(keys), (r, b), r, dtype)
