@@ -18,49 +18,27 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import peftjax as pj
-
-try:  # `python -m pytest` (repo root on sys.path) or plain `pytest` (tests/ on sys.path)
-    from tests.conftest import (
-        DENSE_GENERAL_LAYOUTS,
-        HIDDEN,
-        INTER,
-        KV_OUT,
-        N_LAYERS,
-        STACKED_LAYOUT,
-        TREES,
-        assert_trees_close,
-        assert_trees_equal,
-        assert_unchanged,
-        is_adapted,
-        make_llama,
-        make_stacked,
-        nodes,
-        randomize,
-        snapshot,
-    )
-except ImportError:  # pragma: no cover
-    from conftest import (
-        DENSE_GENERAL_LAYOUTS,
-        HIDDEN,
-        INTER,
-        KV_OUT,
-        N_LAYERS,
-        STACKED_LAYOUT,
-        TREES,
-        assert_trees_close,
-        assert_trees_equal,
-        assert_unchanged,
-        is_adapted,
-        make_llama,
-        make_stacked,
-        nodes,
-        randomize,
-        snapshot,
-    )
+from tests.conftest import (
+    DENSE_GENERAL_LAYOUTS,
+    HIDDEN,
+    INTER,
+    KV_OUT,
+    N_LAYERS,
+    STACKED_LAYOUT,
+    TREES,
+    assert_trees_close,
+    assert_trees_equal,
+    assert_unchanged,
+    is_adapted,
+    make_llama,
+    make_stacked,
+    nodes,
+    randomize,
+    snapshot,
+)
 
 # RBG keys: their random-bits programs compile several times faster than threefry's; this
 # file compiles one per distinct adapter shape (init values do not matter to these invariants).

@@ -21,11 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 import peftjax as pj
 from peftjax import io as pio
-
-try:
-    from tests.reference import lora_scaling, pattern_lookup
-except ImportError:  # pytest run from inside tests/
-    from reference import lora_scaling, pattern_lookup
+from tests.reference import lora_scaling, pattern_lookup
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "peft"
 SUPPORTED = [

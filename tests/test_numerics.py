@@ -25,35 +25,19 @@ import pytest
 from safetensors.numpy import load_file
 
 import peftjax as pj
-
-try:  # `python -m pytest` (repo root on sys.path) or plain `pytest` (tests/ on sys.path)
-    from tests import reference as ref
-    from tests.conftest import (
-        DENSE_GENERAL_LAYOUTS,
-        STACKED_LAYOUT,
-        assert_trees_equal,
-        make_conv,
-        make_dense_general,
-        make_llama,
-        make_mlp,
-        make_stacked,
-        randomize,
-        weight_nodes,
-    )
-except ImportError:  # pragma: no cover
-    import reference as ref
-    from conftest import (
-        DENSE_GENERAL_LAYOUTS,
-        STACKED_LAYOUT,
-        assert_trees_equal,
-        make_conv,
-        make_dense_general,
-        make_llama,
-        make_mlp,
-        make_stacked,
-        randomize,
-        weight_nodes,
-    )
+from tests import reference as ref
+from tests.conftest import (
+    DENSE_GENERAL_LAYOUTS,
+    STACKED_LAYOUT,
+    assert_trees_equal,
+    make_conv,
+    make_dense_general,
+    make_llama,
+    make_mlp,
+    make_stacked,
+    randomize,
+    weight_nodes,
+)
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "peft"
 # RBG keys: their random-bits programs compile several times faster than threefry's (one

@@ -14,10 +14,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-try:  # `python -m pytest` (repo root on sys.path) or tests/ as a package
-    from tests import reference as ref
-except ImportError:  # plain `pytest`: rootdir-less prepend import puts tests/ on sys.path
-    import reference as ref
+from tests import reference as ref
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "peft"
 PREFIX = "base_model.model."

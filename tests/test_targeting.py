@@ -16,31 +16,17 @@ import jax.numpy as jnp
 import pytest
 
 import peftjax as pj
-
-try:  # `python -m pytest` (repo root on sys.path) or plain `pytest` (tests/ on sys.path)
-    from tests.conftest import (
-        N_LAYERS,
-        STACKED_LAYOUT,
-        assert_unchanged,
-        make_conv,
-        make_dense_general,
-        make_llama,
-        make_stacked,
-        snapshot,
-        weight_nodes,
-    )
-except ImportError:  # pragma: no cover
-    from conftest import (
-        N_LAYERS,
-        STACKED_LAYOUT,
-        assert_unchanged,
-        make_conv,
-        make_dense_general,
-        make_llama,
-        make_stacked,
-        snapshot,
-        weight_nodes,
-    )
+from tests.conftest import (
+    N_LAYERS,
+    STACKED_LAYOUT,
+    assert_unchanged,
+    make_conv,
+    make_dense_general,
+    make_llama,
+    make_stacked,
+    snapshot,
+    weight_nodes,
+)
 
 # RBG keys compile faster than threefry's; the init values play no part here.
 KEY = jax.random.key(0, impl="unsafe_rbg")
