@@ -36,7 +36,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from .methods import CopySpec, IA3BiasSpec, Spec
-from .node import Adapted, is_adapted
+from .node import is_adapted
 
 __all__ = ["apply"]
 
@@ -246,6 +246,7 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
         or tuple(dn.start_index_map) != (0,)
         or tuple(eqn.params["slice_sizes"]) != (1, w.shape[1])
         or tuple(dn.operand_batching_dims)
+        or tuple(dn.offset_dims) != (eqn.outvars[0].aval.ndim - 1,)  # features last only
     ):
         return None
     for spec, _, _ in b.items:
@@ -365,6 +366,9 @@ def _prepare(args_tree):
         items = []
         for name, spec, arrays in pend:
             if isinstance(spec, CopySpec):
+                if items:  # adapters activated before the copy are replaced by it (as `merge`)
+                    b = _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack)
+                    value, items = _effective(b, value, value.dtype), []
                 value = spec.value(value, arrays)
             elif isinstance(spec, IA3BiasSpec):
                 if groups is None:

@@ -1,0 +1,892 @@
+"""`pj.apply`: every adapted output equals the merged model's, and the fast paths are taken.
+
+Each test injects adapters, makes every adapter array non-zero (`randomize`), and compares
+``pj.apply(fn)(q, x)`` with ``fn(pj.merge_and_unload(q), x)``. The `fallbacks` fixture counts
+how often the interpreter built an effective weight ``W + dW`` (its slow path), so tests can
+check that the factored paths are really used, and that odd uses still give exact results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend import core as jcore
+
+import peftjax as pj
+import peftjax.forward as pjf
+
+F32 = jnp.float32
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def randomize(q, seed: int = 0, scale: float = 0.3):
+    """``q`` with every trainable adapter array perturbed (numpy noise: no per-shape compile)."""
+    t, f = pj.partition(q)
+    leaves, td = jax.tree_util.tree_flatten(t)
+    rng = np.random.default_rng(seed)
+    new = []
+    for x in leaves:
+        a = np.asarray(x)
+        new.append(jnp.asarray(a + (scale * rng.normal(size=a.shape)).astype(a.dtype)))
+    return pj.combine(jax.tree_util.tree_unflatten(td, new), f)
+
+
+def maxabs(t) -> float:
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x, F32)))) for x in jax.tree_util.tree_leaves(t))
+
+
+def assert_close(a, b, tol: float = 2e-5):
+    """Trees equal up to float32 rounding, relative to the magnitude of ``b``."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb, strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, x.dtype, y.shape, y.dtype)
+        scale = max(1.0, float(jnp.max(jnp.abs(y.astype(F32)))))
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=0, atol=tol * scale
+        )
+
+
+def assert_differs(a, b, min_diff: float = 1e-3):
+    assert maxabs(jax.tree_util.tree_map(lambda u, v: u - v, a, b)) > min_diff
+
+
+@pytest.fixture
+def fallbacks(monkeypatch):
+    """A list that grows by one each time `pj.apply` builds an effective weight ``W + dW``."""
+    calls: list = []
+    orig = pjf._effective
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(pjf, "_effective", counting)
+    return calls
+
+
+def check(fn, q, *args, wrap=None, fallbacks=None, expect_fallback=None, base=None):
+    """``pj.apply(fn)(q, ...)`` equals ``fn(merge_and_unload(q), ...)`` (and differs from base)."""
+    wrap = wrap or (lambda g: g)
+    if fallbacks is not None:
+        fallbacks.clear()
+    y = wrap(pj.apply(fn))(q, *args)
+    n_fb = len(fallbacks) if fallbacks is not None else None
+    ym = wrap(fn)(pj.merge_and_unload(q), *args)
+    assert_close(y, ym)
+    if base is not None:
+        assert_differs(ym, wrap(fn)(base, *args))
+    if expect_fallback is True:
+        assert n_fb, "expected the W + dW fallback"
+    elif expect_fallback is False:
+        assert n_fb == 0, f"expected the factored fast path, got {n_fb} fallback(s)"
+    return y
+
+
+def normal(shape, seed=0, scale=1.0):
+    """Random float32 array from numpy (jax.random would compile a program per shape)."""
+    return jnp.asarray(scale * np.random.default_rng(seed).normal(size=shape), F32)
+
+
+@functools.cache
+def init(module: nn.Module, shape: tuple, dtype=F32):
+    """Params (random, from numpy, shaped by ``module.init``) and an input; cached."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        x = jnp.arange(int(np.prod(shape)), dtype=dtype).reshape(shape) % 7
+    else:
+        x = normal(shape, seed=1)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    leaves, td = jax.tree_util.tree_flatten(shapes)
+    params = [normal(s.shape, seed=i, scale=0.5) for i, s in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(td, params), x
+
+
+def configs(targets, ff=None):
+    """One config per method, all with non-zero initial adapters where PEFT allows it."""
+    t = list(targets)
+    return {
+        "lora": pj.LoraConfig(r=3, lora_alpha=6, target_modules=t, init_lora_weights=False),
+        "dora": pj.LoraConfig(r=3, target_modules=t, use_dora=True, init_lora_weights=False),
+        "loha": pj.LoHaConfig(r=2, alpha=3, target_modules=t, init_weights=False),
+        "lokr": pj.LoKrConfig(r=2, alpha=3, target_modules=t, init_weights=False),
+        "ia3": pj.IA3Config(target_modules=t, init_ia3_weights=False),
+        "ia3_ff": pj.IA3Config(
+            target_modules=t, feedforward_modules=list(ff or t[-1:]), init_ia3_weights=False
+        ),
+        "ln_tuning": pj.LNTuningConfig(target_modules=t[:1]),
+        "modules_to_save": pj.LoraConfig(
+            r=2, target_modules=t[:1], modules_to_save=t[1:] or t, init_lora_weights=False
+        ),
+    }
+
+
+ADDITIVE = ["lora", "dora", "loha", "lokr", "ia3", "ia3_ff"]
+ALL = [*ADDITIVE, "ln_tuning", "modules_to_save"]
+# "ia3_ff" puts feedforward IA3 on the last target and output IA3 (with its bias) on the others
+MAIN = ["lora", "dora", "loha", "lokr", "ia3_ff"]
+
+
+def key(seed: int = 0):
+    """An ``rbg`` key: its random ops compile faster on CPU than threefry's (values don't
+    matter here, `randomize` replaces them)."""
+    return jax.random.key(seed, impl="rbg")
+
+
+def inject(params, config, layouts=None, seed=0):
+    return randomize(pj.inject(params, config, key=key(seed), layouts=layouts), seed)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="fc1")(x)
+        return nn.Dense(16, name="fc2")(nn.relu(h))
+
+
+class Attn(nn.Module):
+    """DenseGeneral in (``(in, heads, hd)`` kernel) and out (``(heads, hd, out)``, 2 in-axes)."""
+
+    @nn.compact
+    def __call__(self, x):
+        q = nn.DenseGeneral((2, 4), name="query")(x)
+        return nn.DenseGeneral(16, axis=(-2, -1), name="out")(jnp.tanh(q))
+
+
+DG_LAYOUTS = {"query": pj.Layout("dense", n_in=1), "out": pj.Layout("dense", n_in=2)}
+
+
+class ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Conv(8, (3, 3), name="conv1")(x)
+        return nn.Conv(6, (1, 1), name="conv2")(nn.relu(h))
+
+
+class EmbedNet(nn.Module):
+    tied: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        e = nn.Embed(32, 16, name="embed")
+        h = e(ids)
+        if not self.tied:
+            return h
+        return e.attend(nn.Dense(16, name="mid")(h))
+
+
+def _mlp():
+    return (MLP(), *init(MLP(), (5, 16)))
+
+
+# ------------------------------------------------------------------------------------ linen
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_linen_dense(method, fallbacks):
+    m, p, x = _mlp()
+    q = inject(p, configs(["fc1", "fc2"])[method])
+    check(m.apply, q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+
+
+@pytest.mark.parametrize("method", ADDITIVE)
+def test_linen_dense_general(method, fallbacks):
+    m = Attn()
+    p, x = init(m, (2, 5, 16))
+    q = inject(p, configs(["query", "out"])[method], DG_LAYOUTS)
+    check(m.apply, q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr", "ia3_ff"])
+def test_linen_conv_fallback_exact(method, fallbacks):
+    m = ConvNet()
+    p, x = init(m, (2, 6, 6, 4))
+    q = inject(p, configs(["conv1", "conv2"])[method])
+    check(m.apply, q, x, fallbacks=fallbacks, expect_fallback=True, base=p)
+
+
+def test_linen_embed_gather_fast_path(fallbacks):
+    m = EmbedNet()
+    p, _ = init(m, (2, 4), jnp.int32)
+    ids = jnp.array([[1, 5, 31, 0], [2, 2, 7, 9]])
+    q = inject(p, pj.LoraConfig(r=3, target_modules=["embed"], init_lora_weights=False))
+    check(m.apply, q, ids, fallbacks=fallbacks, expect_fallback=False, base=p)
+    emb = lambda p, i: p["params"]["embed"]["embedding"]
+    for f in (
+        lambda p, i: jnp.take(emb(p, i), i, axis=0),
+        lambda p, i: emb(p, i)[i],
+        lambda p, i: emb(p, i)[-i],
+        lambda p, i: jax.vmap(lambda j: emb(p, i)[j])(i),
+        lambda p, i: jnp.take(emb(p, i), i + 20, axis=0, mode="clip"),
+    ):
+        check(f, q, ids, fallbacks=fallbacks, expect_fallback=False)
+
+
+def test_linen_embed_odd_gathers_fall_back(fallbacks):
+    m = EmbedNet()
+    p, _ = init(m, (2, 4), jnp.int32)
+    ids = jnp.array([[1, 5, 31, 0], [2, 2, 7, 9]])
+    q = inject(p, pj.LoraConfig(r=3, target_modules=["embed"], init_lora_weights=False))
+    emb = lambda p: p["params"]["embed"]["embedding"]
+
+    def features_first(p, i):  # a gather whose feature axis is not the last output axis
+        dn = jax.lax.GatherDimensionNumbers(
+            offset_dims=(0,), collapsed_slice_dims=(0,), start_index_map=(0,)
+        )
+        return jax.lax.gather(emb(p), i[..., None], dn, slice_sizes=(1, 16))
+
+    for f in (
+        features_first,
+        lambda p, i: emb(p)[:, 3],
+        lambda p, i: jnp.take(emb(p), jnp.array([1, 2]), axis=1),
+        lambda p, i: jax.lax.dynamic_slice_in_dim(emb(p), i[0, 0], 2, 0),
+        lambda p, i: emb(p)[i, :5],
+    ):
+        check(f, q, ids, fallbacks=fallbacks, expect_fallback=True)
+    # one-hot matmul: a dot over the vocab axis is the dense fast path
+    check(
+        lambda p, i: jax.nn.one_hot(i, 32) @ emb(p),
+        q,
+        ids,
+        fallbacks=fallbacks,
+        expect_fallback=False,
+    )
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_linen_embed_tied_head_falls_back(use_dora, fallbacks):
+    m = EmbedNet(tied=True)
+    p, _ = init(m, (2, 4), jnp.int32)
+    ids = jnp.array([[1, 5, 31, 0], [2, 2, 7, 9]])
+    cfg = pj.LoraConfig(r=3, target_modules=["embed"], use_dora=use_dora, init_lora_weights=False)
+    q = inject(p, cfg)
+    check(m.apply, q, ids, fallbacks=fallbacks, expect_fallback=True, base=p)
+
+
+# ------------------------------------------------------------------------------------ nnx
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.emb = nnx.Embed(10, 16, rngs=rngs)
+        self.l1 = nnx.Linear(16, 8, rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.l2 = nnx.Linear(8, 16, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.l2(nnx.relu(self.norm(self.l1(self.emb(ids)))))
+
+
+@functools.cache
+def _nnx_net():
+    return nnx.split(NnxNet(nnx.Rngs(0)))
+
+
+@pytest.mark.parametrize("method", ["lora", "lokr", "ln_tuning", "modules_to_save"])
+def test_nnx_model(method, fallbacks):
+    graphdef, state = _nnx_net()
+    fn = lambda s, ids: nnx.merge(graphdef, s)(ids)
+    ids = jnp.array([[1, 2, 3], [4, 5, 9]])
+    cfg = configs(["l1", "l2"])[method]
+    if method == "ln_tuning":
+        cfg = pj.LNTuningConfig(target_modules=["norm"])
+    if method == "lora":
+        cfg = pj.LoraConfig(r=2, target_modules=["emb", "l1", "l2"], init_lora_weights=False)
+    q = inject(state, cfg)
+    check(fn, q, ids, fallbacks=fallbacks, expect_fallback=False, base=state)
+
+
+class BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.Dense(8, name="fc1")(x)
+        return nn.BatchNorm(use_running_average=not train, name="bn")(h)
+
+
+def test_call_conventions(fallbacks):
+    """Params as a keyword, static Python arguments, and several outputs (mutable state)."""
+    m = BNNet()
+    p, x = init(m, (5, 16))
+    q = inject(p, configs(["fc1"])["lora"])
+    by_kw = lambda x, params, scale: m.apply(params, x) * scale
+    y = pj.apply(by_kw)(x, params=q, scale=2.0)
+    assert_close(y, by_kw(x, params=pj.merge_and_unload(q), scale=2.0))
+    train = lambda p, x: m.apply(p, x, train=True, mutable=["batch_stats"])
+    check(train, q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+
+
+# ------------------------------------------------------------------------------------ odd uses
+
+
+@functools.cache
+def _plain():
+    p = {"lin": {"w": normal((16, 8)), "b": jnp.linspace(-1.0, 1.0, 8)}}
+    return p, normal((3, 16), seed=1)
+
+
+W = lambda p: p["lin"]["w"]
+
+
+@jax.custom_vjp
+def _cvjp_matmul(x, w):
+    return x @ w
+
+
+_cvjp_matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+
+@jax.custom_jvp
+def _cjvp_sin_matmul(x, w):
+    return jnp.sin(x @ w)
+
+
+@_cjvp_sin_matmul.defjvp
+def _cjvp_rule(primals, tangents):
+    x, w = primals
+    tx, tw = tangents
+    return _cjvp_sin_matmul(x, w), jnp.cos(x @ w) * (tx @ w + x @ tw)
+
+
+FAST_USES = {
+    "matmul": lambda p, x: x @ W(p),
+    "matmul_bias": lambda p, x: x @ W(p) + p["lin"]["b"],
+    "vector": lambda p, x: x[0] @ W(p),
+    "used_twice": lambda p, x: jnp.tanh(x @ W(p)) + (2 * x) @ W(p),
+    "einsum_rhs": lambda p, x: jnp.einsum("bi,io->bo", x, W(p)),
+    "einsum_lhs": lambda p, x: jnp.einsum("io,bi->ob", W(p), x),
+    "inside_jit": lambda p, x: jax.jit(lambda w, x: x @ w)(W(p), x),
+    "inside_remat": lambda p, x: jax.checkpoint(lambda w, x: jnp.sin(x @ w))(W(p), x),
+}
+
+FALLBACK_USES = {
+    "transposed": lambda p, x: (x @ W(p)) @ W(p).T,
+    "lhs_of_dot": lambda p, x: W(p).T @ x.T,
+    "sliced": lambda p, x: x @ W(p)[:, :3],
+    "returned": lambda p, x: W(p),
+    "returned_from_jit": lambda p, x: jax.jit(lambda w: w.astype(F32))(W(p)),
+    "reduced": lambda p, x: x @ W(p) + W(p).sum(),
+    "cond": lambda p, x: jax.lax.cond(x.sum() > 0, lambda w: x @ w, lambda w: -(x @ w), W(p)),
+    "while": lambda p, x: jax.lax.while_loop(
+        lambda c: c[1] < 2, lambda c: (jnp.tanh(c[0] @ W(p) @ W(p).T), c[1] + 1), (x, 0)
+    )[0],
+    "custom_vjp": lambda p, x: _cvjp_matmul(x, W(p)),
+    "custom_jvp": lambda p, x: _cjvp_sin_matmul(x, W(p)),
+    "einsum_transpose": lambda p, x: jnp.einsum("oi,bi->bo", W(p).T, x),
+    "einsum_batched": lambda p, x: jnp.einsum("bi,bio->bo", x, jnp.broadcast_to(W(p), (3, 16, 8))),
+    "einsum_out_contracted": lambda p, x: jnp.einsum("io,jo->ij", W(p), W(p)),
+}
+
+
+@pytest.mark.parametrize("method", ADDITIVE)
+@pytest.mark.parametrize("use", list(FAST_USES))
+def test_plain_function_fast_uses(method, use, fallbacks):
+    p, x = _plain()
+    q = inject(p, configs(["lin"])[method])
+    check(FAST_USES[use], q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr"])
+@pytest.mark.parametrize("use", list(FALLBACK_USES))
+def test_plain_function_odd_uses_fall_back_exactly(method, use, fallbacks):
+    p, x = _plain()
+    q = inject(p, configs(["lin"])[method])
+    check(FALLBACK_USES[use], q, x, fallbacks=fallbacks, expect_fallback=True, base=p)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr"])
+def test_bf16_weight_cast_before_dot(method, fallbacks):
+    """``x @ w.astype(f32)``: the fast path sees through the cast and adds the float32 delta."""
+    p, x = _plain()
+    pb = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p)
+    qb = inject(pb, configs(["lin"])[method])
+    fallbacks.clear()
+    y = pj.apply(lambda p, x: x @ W(p).astype(F32))(qb, x)
+    assert not fallbacks and y.dtype == F32
+    # reference: the same adapters on the bf16-rounded base, merged in float32
+    q32 = jax.tree_util.tree_map(lambda a: a.astype(F32), qb)
+    assert_close(y, x @ W(pj.merge_and_unload(q32)))
+    # a bf16 dot stays bf16; the cast-after-transpose fallback equals the merged bf16 model
+    yb = pj.apply(lambda p, x: x.astype(jnp.bfloat16) @ W(p))(qb, x)
+    assert yb.dtype == jnp.bfloat16
+    assert_close(yb.astype(F32), (x @ W(pj.merge_and_unload(q32))), tol=3e-2)
+    check(lambda p, x: x @ W(p).T.astype(F32).T, qb, x, fallbacks=fallbacks, expect_fallback=True)
+
+
+@pytest.mark.parametrize("method", ["lora"])
+def test_dense_general_einsum_orders(method, fallbacks):
+    p = {"query": {"kernel": normal((16, 2, 4))}, "out": {"kernel": normal((2, 4, 16), 1)}}
+    x = normal((3, 5, 16), 2)
+    h = normal((3, 5, 2, 4), 3)
+    q = inject(p, configs(["query", "out"], ff=["out"])[method], DG_LAYOUTS)
+    qk, ok = (lambda p: p["query"]["kernel"]), (lambda p: p["out"]["kernel"])
+    fast = [
+        (lambda p, x: jnp.einsum("btd,dhk->bthk", x, qk(p)), x),
+        (lambda p, x: jnp.einsum("dhk,btd->hbkt", qk(p), x), x),
+        (lambda p, h: jnp.einsum("bthk,hko->bto", h, ok(p)), h),
+        (lambda p, h: jnp.einsum("btkh,hko->bto", jnp.swapaxes(h, -1, -2), ok(p)), h),
+        (lambda p, h: jnp.einsum("hko,tbkh->otb", ok(p), jnp.transpose(h, (1, 0, 3, 2))), h),
+    ]
+    for f, a in fast:
+        check(f, q, a, fallbacks=fallbacks, expect_fallback=False, base=p)
+    # only one of the two input axes contracted: not a use of the matrix view
+    check(
+        lambda p, h: jnp.einsum("bthk,hko->btko", h, ok(p)),
+        q,
+        h,
+        fallbacks=fallbacks,
+        expect_fallback=True,
+    )
+
+
+# ------------------------------------------------------------------------------------ transformers
+
+
+@pytest.fixture(scope="module")
+def hf_llama():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    fm = transformers.FlaxLlamaForCausalLM(cfg, _do_init=False)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)),
+        fm.params_shape_tree,
+    )
+    ids = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
+    return fm, params, ids
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pj.LoraConfig(
+            r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
+        ),
+        pj.LoKrConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False),
+        pj.IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"],
+            feedforward_modules=["down_proj"],
+            init_ia3_weights=False,
+        ),
+    ],
+    ids=["lora", "lokr", "ia3"],
+)
+def test_transformers_flax_llama(hf_llama, config, fallbacks):
+    fm, params, ids = hf_llama
+    f = lambda p, ids: fm(ids, params=p).logits
+    q = inject(params, config, seed=1)
+    check(f, q, ids, wrap=jax.jit, fallbacks=fallbacks, expect_fallback=False, base=params)
+
+
+def test_transformers_flax_gpt2_transposed_kernels_exact(fallbacks):
+    """GPT-2's Flax Conv1D keeps ``(out, in)`` kernels: the fallback must still be exact."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    gm = transformers.FlaxGPT2LMHeadModel(cfg, _do_init=False)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)),
+        gm.params_shape_tree,
+    )
+    ids = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
+    q = inject(
+        params,
+        pj.LoraConfig(r=2, target_modules=["c_attn", "wte"], init_lora_weights=False),
+        seed=1,
+    )
+    f = lambda p, ids: gm(ids, params=p).logits
+    check(f, q, ids, wrap=jax.jit, fallbacks=fallbacks, expect_fallback=True, base=params)
+
+
+# ------------------------------------------------------------------------------------ transforms
+
+
+def _dora_reference_weights(q):
+    """Plain tree of DoRA-merged weights with the norm's gradient stopped (as PEFT)."""
+
+    def fix(n):
+        if not isinstance(n, pj.Adapted):
+            return n
+        spec, a = n.spec("default"), n.arrays["default"]
+        w = n.base + spec.scaling[0] * a["lora_A"] @ a["lora_B"]
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+        return w * (a["lora_magnitude_vector"] / norm)[None, :]
+
+    return jax.tree_util.tree_map(fix, q, is_leaf=lambda n: isinstance(n, pj.Adapted))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr", "ia3_ff", "ln_tuning"])
+def test_grad_matches_merged_formulation(method):
+    m, p, x = _mlp()
+    q = inject(p, configs(["fc1", "fc2"])[method])
+    t, f = pj.partition(q)
+    loss = lambda t: jnp.sum(jnp.sin(pj.apply(m.apply)(pj.combine(t, f), x)))
+    if method == "dora":
+        ref = lambda t: jnp.sum(jnp.sin(m.apply(_dora_reference_weights(pj.combine(t, f)), x)))
+    else:
+        ref = lambda t: jnp.sum(jnp.sin(m.apply(pj.merge_and_unload(pj.combine(t, f)), x)))
+    g = jax.jit(jax.grad(loss))(t)
+    g_ref = jax.grad(ref)(t)
+    assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(t)
+    scale = maxabs(g_ref)
+    assert scale > 0
+    assert_close(g, g_ref, tol=2e-5 * scale)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_jit_vmap_checkpoint(method):
+    m, p, x = _mlp()
+    q = inject(p, configs(["fc1", "fc2"])[method])
+    merged = pj.merge_and_unload(q)
+    xs = jnp.stack([x, 2 * x, -x])
+    ym = jax.jit(jax.vmap(m.apply, in_axes=(None, 0)))(merged, xs)
+    vm = lambda f: jax.vmap(f, in_axes=(None, 0))
+    assert_close(jax.jit(vm(pj.apply(m.apply)))(q, xs), ym)
+    assert_close(jax.jit(pj.apply(vm(m.apply)))(q, xs), ym)
+    assert_close(jax.jit(jax.checkpoint(pj.apply(m.apply)))(q, x), ym[0])
+    assert_close(jax.jit(pj.apply(jax.checkpoint(m.apply)))(q, x), ym[0])
+    assert_close(jax.jit(pj.apply(nn.remat(MLP)().apply))(q, x), ym[0])
+    # gradients through a remat inside the adapted function
+    t, f = pj.partition(q)
+    loss = lambda g: lambda t: jnp.sum(pj.apply(g)(pj.combine(t, f), x) ** 2)
+    g_remat = jax.jit(jax.grad(loss(jax.checkpoint(m.apply))))(t)
+    assert_close(g_remat, jax.jit(jax.grad(loss(m.apply)))(t), tol=1e-4)
+
+
+STACK_L = 3
+
+
+@functools.cache
+def _stacked():
+    w = normal((STACK_L, 8, 8), scale=0.5)
+    return {"layers": {"mlp": {"kernel": w}}}, normal((4, 8), seed=1)
+
+
+def _scan_fn(p, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["layers"]["mlp"]["kernel"])[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr"])
+def test_lax_scan_over_stacked_weights(method, fallbacks):
+    p, x = _stacked()
+    q = inject(p, configs(["mlp"])[method], {"mlp": pj.Layout("dense", stack=1)})
+    check(_scan_fn, q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_stacked_weights_other_uses(method, fallbacks):
+    p, x = _stacked()
+    q = inject(p, configs(["mlp"])[method], {"mlp": pj.Layout("dense", stack=1)})
+    rev = lambda p, x: jax.lax.scan(
+        lambda h, w: (jnp.tanh(h @ w), h.sum()), x, p["layers"]["mlp"]["kernel"], reverse=True
+    )
+    check(rev, q, x, fallbacks=fallbacks, expect_fallback=False)
+    # a stacked weight indexed / contracted outside a scan: fallback, exact
+    check(
+        lambda p, x: x @ p["layers"]["mlp"]["kernel"][1],
+        q,
+        x,
+        fallbacks=fallbacks,
+        expect_fallback=True,
+    )
+    check(
+        lambda p, x: jnp.einsum("bi,lio->lbo", x, p["layers"]["mlp"]["kernel"]),
+        q,
+        x,
+        fallbacks=fallbacks,
+        expect_fallback=True,
+    )
+    fori = lambda p, x: jax.lax.fori_loop(
+        0, STACK_L, lambda i, h: jnp.tanh(h @ p["layers"]["mlp"]["kernel"][i]), x
+    )
+    check(fori, q, x, fallbacks=fallbacks, expect_fallback=True)
+
+
+def test_nested_scans_two_stack_axes(fallbacks):
+    p = {"blocks": {"w": normal((2, 3, 8, 8), scale=0.4)}}
+    x = normal((4, 8), seed=1)
+    q = inject(p, configs(["blocks"])["lora"], pj.Layout("dense", stack=2))
+
+    def nested(p, x):
+        def outer(h, ws):
+            return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), h, ws)[0], None
+
+        return jax.lax.scan(outer, x, p["blocks"]["w"])[0]
+
+    check(nested, q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+    # one stack axis consumed by the scan, the other indexed: partial-stack fallback
+    part = lambda p, x: jax.lax.scan(
+        lambda h, ws: (jnp.tanh(h @ ws[1]), None), x, p["blocks"]["w"]
+    )[0]
+    check(part, q, x, fallbacks=fallbacks, expect_fallback=True)
+
+
+def test_stacked_layers_to_transform_leaves_layers_at_base():
+    p, x = _stacked()
+    cfg = pj.LoraConfig(
+        r=2, target_modules=["mlp"], layers_to_transform=[1], init_lora_weights=False
+    )
+    q = inject(p, cfg, {"mlp": pj.Layout("dense", stack=1)})
+
+    def per_layer(p, x):  # each layer's output on the same input
+        return jax.lax.scan(lambda h, w: (h, h @ w), x, p["layers"]["mlp"]["kernel"])[1]
+
+    ys, yb = pj.apply(per_layer)(q, x), per_layer(p, x)
+    assert jnp.array_equal(ys[0], yb[0]) and jnp.array_equal(ys[2], yb[2])
+    assert_differs(ys[1], yb[1])
+    merged = pj.merge_and_unload(q)
+    assert_close(ys, per_layer(merged, x))
+    w, w0 = merged["layers"]["mlp"]["kernel"], p["layers"]["mlp"]["kernel"]
+    assert jnp.array_equal(w[0], w0[0]) and jnp.array_equal(w[2], w0[2])
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        a = nn.Dense(8, name="fc1")(h)
+        h = h + nn.Dense(8, name="fc2")(jax.nn.gelu(a))
+        return nn.LayerNorm(name="ln")(h), None
+
+
+class ScannedModel(nn.Module):
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        block = nn.remat(Block) if self.remat else Block
+        stack = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=STACK_L
+        )
+        h, _ = stack(name="layers")(x, None)
+        return nn.Dense(4, name="head")(h)
+
+
+@pytest.mark.parametrize(
+    "method,remat",
+    [(m, False) for m in ["lora", "lokr", "ia3_ff", "ln_tuning", "lora_ltt"]] + [("lora", True)],
+)
+def test_linen_nn_scan(method, remat, fallbacks):
+    m = ScannedModel(remat=remat)
+    p, x = init(m, (4, 8))
+    if method == "ln_tuning":
+        cfg = pj.LNTuningConfig(target_modules=["ln"])
+    elif method == "lora_ltt":
+        cfg = pj.LoraConfig(
+            r=2, target_modules=["fc1", "fc2"], layers_to_transform=[0, 2], init_lora_weights=False
+        )
+    else:
+        cfg = configs(["fc1", "fc2"])[method]
+    q = inject(p, cfg, {r"layers\..*": pj.Layout("dense", stack=1)})
+    check(m.apply, q, x, fallbacks=fallbacks, expect_fallback=False, base=p)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, h):
+        return jnp.tanh(self.fc(h))
+
+
+@pytest.mark.parametrize("method", ["lora"])
+def test_nnx_vmap_created_layers_run_with_nnx_scan(method, fallbacks):
+    @nnx.split_rngs(splits=STACK_L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return NnxBlock(rngs)
+
+    graphdef, state = nnx.split(make(nnx.Rngs(0)))
+
+    def fwd(s, x):
+        blocks = nnx.merge(graphdef, s)
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def run(h, blk):
+            return blk(h)
+
+        return run(x, blocks)
+
+    x = normal((4, 8), seed=1)
+    q = inject(state, configs(["fc"])[method], pj.Layout("dense", stack=1))
+    check(fwd, q, x, fallbacks=fallbacks, expect_fallback=False, base=state)
+    check(fwd, q, x, wrap=jax.jit)
+
+
+# ------------------------------------------------------------------------------------ states
+
+
+def test_merged_tree_inactive_and_two_adapters():
+    m, p, x = _mlp()
+    cfgs = configs(["fc1", "fc2"])
+    q = pj.inject(p, cfgs["lora"], key=key(0), name="a")
+    q = pj.inject(q, cfgs["lokr"], key=key(1), name="b")
+    q = randomize(pj.set_active(q, ["a", "b"]))
+    y_base = m.apply(p, x)
+    # two active adapters on the same modules add
+    y = pj.apply(m.apply)(q, x)
+    ya = pj.apply(m.apply)(pj.set_active(q, "a"), x)
+    yb = pj.apply(m.apply)(pj.set_active(q, "b"), x)
+    assert_close(y, m.apply(pj.merge_and_unload(q), x))
+    assert_differs(y, ya) and assert_differs(y, yb)
+    lin = lambda p, x: x @ p["params"]["fc1"]["kernel"]
+    assert_close(
+        pj.apply(lin)(q, x) - lin(p, x),
+        (pj.apply(lin)(pj.set_active(q, "a"), x) - lin(p, x))
+        + (pj.apply(lin)(pj.set_active(q, "b"), x) - lin(p, x)),
+    )
+    # merged: nothing added twice, fully or partly merged
+    assert_close(pj.apply(m.apply)(pj.merge(q), x), m.apply(pj.merge_and_unload(q), x))
+    assert_close(pj.apply(m.apply)(pj.merge(q, "a"), x), y)
+    # inactive: exactly the base model
+    assert jnp.array_equal(pj.apply(m.apply)(pj.set_active(q, None), x), y_base)
+    assert jnp.array_equal(pj.apply(m.apply)(pj.set_active(q, []), x), y_base)
+
+
+@pytest.mark.parametrize("first", ["lora", "dora", "ia3_ff"])
+@pytest.mark.parametrize("order", ["copy_last", "copy_first"])
+def test_copy_adapter_with_another_on_the_same_module(first, order):
+    """LN tuning / modules_to_save and an additive adapter both active on one module: the
+    forward applies them in activation order, as `merge` folds them."""
+    m, p, x = _mlp()
+    q = pj.inject(p, configs(["fc1", "fc2"])[first], key=key(0), name="add")
+    q = pj.inject(q, pj.LNTuningConfig(target_modules=["fc2"]), key=key(1), name="ln")
+    names = ["add", "ln"] if order == "copy_last" else ["ln", "add"]
+    q = randomize(pj.set_active(q, names))
+    check(m.apply, q, x, base=p)
+
+
+# ------------------------------------------------------------------------------------ cost
+
+
+class WideMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(256, name="fc1")(x)
+        return nn.Dense(128, name="fc2")(nn.relu(h))
+
+
+def _flops(f, *args) -> float:
+    cost = jax.jit(f).lower(*args).compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def _wide():
+    return (WideMLP(), *init(WideMLP(), (64, 128)))
+
+
+def test_zero_cost_when_nothing_to_do():
+    m, p, x = _wide()
+    base = _flops(m.apply, p, x)
+    q = inject(p, configs(["fc1", "fc2"])["lora"])
+    assert _flops(pj.apply(m.apply), p, x) == base
+    assert _flops(pj.apply(m.apply), pj.set_active(q, None), x) == base
+    assert _flops(pj.apply(m.apply), pj.merge(q), x) == base
+    ql = inject(p, configs(["fc1", "fc2"])["lokr"])
+    assert _flops(pj.apply(m.apply), pj.merge(ql), x) == base
+
+
+def test_lora_forward_flops_are_factored():
+    m, p, x = _wide()
+    T, r = x.shape[0], 4
+    base = _flops(m.apply, p, x)
+    q = inject(p, pj.LoraConfig(r=r, target_modules=["fc1", "fc2"], init_lora_weights=False))
+    extra = _flops(pj.apply(m.apply), q, x) - base
+    analytic = 2 * T * r * (128 + 256) * 2
+    assert analytic / 2 <= extra <= 2 * analytic, (extra, analytic)
+    # building W + dW would cost at least 2 * in * out * r per matrix, more than factored here
+    built = (
+        _flops(pj.apply(lambda p, x: m.apply(p, x) + 0 * p["params"]["fc1"]["kernel"].sum()), q, x)
+        - base
+    )
+    assert built > extra
+    # LoKr: Kronecker identity, far below a dense delta matmul 2 * T * in * out per matrix
+    ql = inject(p, configs(["fc1", "fc2"])["lokr"])
+    assert _flops(pj.apply(m.apply), ql, x) - base < 2 * T * 128 * 256
+
+
+def _eqn_out_shapes(jaxpr, acc):
+    for e in jaxpr.eqns:
+        acc.extend((e.primitive.name, tuple(v.aval.shape)) for v in e.outvars)
+        for sub in jcore.jaxprs_in_params(e.params):
+            _eqn_out_shapes(sub, acc)
+    return acc
+
+
+@pytest.mark.parametrize("method", ["lora", "lokr"])
+def test_lora_grad_builds_no_weight_sized_array(method):
+    """No equation of the training jaxpr produces an array shaped like a frozen kernel: no
+    ``W + dW`` and no full-size weight gradient."""
+    m, p, x = _wide()
+    q = inject(p, configs(["fc1", "fc2"])[method])
+    t, f = pj.partition(q)
+    loss = lambda t: jnp.sum(pj.apply(m.apply)(pj.combine(t, f), x) ** 2)
+    shapes = _eqn_out_shapes(jax.make_jaxpr(jax.value_and_grad(loss))(t).jaxpr, [])
+    assert shapes
+    big = [s for s in shapes if s[1] in ((128, 256), (256, 128))]
+    assert not big, big[:5]
+
+
+# ------------------------------------------------------------------------------------ dropout
+
+
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("lora", {"lora_dropout": 0.5}),
+        ("dora", {"lora_dropout": 0.5}),
+        ("loha", {"rank_dropout": 0.5}),
+        ("lokr", {"rank_dropout": 0.5, "module_dropout": 0.5}),
+    ],
+)
+def test_dropout(method, kw):
+    m, p, x = _mlp()
+    cfg = configs(["fc1", "fc2"])[method]
+    q = inject(p, dataclasses.replace(cfg, **kw))
+    q0 = inject(p, cfg)  # same arrays, no dropout
+    y_eval = pj.apply(m.apply)(q, x)
+    assert_close(y_eval, pj.apply(m.apply)(q0, x))
+    assert_close(y_eval, m.apply(pj.merge_and_unload(q), x))
+    train = jax.jit(lambda q, x, k: pj.apply(m.apply, rng=k)(q, x))
+    ys = [train(q, x, key(k)) for k in range(6)]
+    assert any(maxabs(y - y_eval) > 1e-3 for y in ys)
+    assert jnp.array_equal(ys[0], train(q, x, key(0)))  # deterministic given the key
+    assert not all(jnp.array_equal(ys[0], y) for y in ys[1:])
+
+
+def test_lora_dropout_is_unbiased_and_only_on_the_adapter_input():
+    p, x = _plain()
+    q = inject(
+        p, pj.LoraConfig(r=3, target_modules=["lin"], lora_dropout=0.5, init_lora_weights=False)
+    )
+    f = lambda p, x: x @ W(p)
+    keys = jax.random.split(key(0), 4000)
+    ys = jax.jit(jax.vmap(lambda k: pj.apply(f, rng=k)(q, x)))(keys)
+    y_eval = pj.apply(f)(q, x)
+    assert_close(ys.mean(0), y_eval, tol=0.05)
+    # the base term is never dropped: y - x W is in the span of B's rows
+    node = q["lin"]["w"]
+    b = node.arrays["default"]["lora_B"]
+    resid = ys[:8] - x @ node.base
+    coef, *_ = np.linalg.lstsq(np.asarray(b.T), np.asarray(resid.reshape(-1, 8).T), rcond=None)
+    assert_close(jnp.asarray((b.T @ coef).T).reshape(resid.shape), resid, tol=1e-4)
