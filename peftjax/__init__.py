@@ -38,6 +38,7 @@ from .layout import Layout as Layout
 from .methods import factorization as factorization
 from .node import Adapted as Adapted
 from .training import (
+    adapter_optimizer as adapter_optimizer,
     combine as combine,
     count_parameters as count_parameters,
     partition as partition,
@@ -87,6 +88,7 @@ __all__ = sorted(
         "inspect_adapter",
         "apply",
         "adapter_names",
+        "adapter_optimizer",
         "combine",
         "config_from_dict",
         "count_parameters",

@@ -204,8 +204,10 @@ def run(
     base = model.init(k_init, jnp.zeros((1, seq), jnp.int32))
     cfg = make_config(method, rank)
     params = pj.inject(base, cfg, key=k_adapter)
-    print_fn(f"peftjax demo: {method} r={rank} on a {len(tok.chars)}-symbol Llama-style model, "
-             f"{len(data):,} characters of text, {steps} steps, batch {batch}x{seq}")
+    print_fn(
+        f"peftjax demo: {method} r={rank} on a {len(tok.chars)}-symbol Llama-style model, "
+        f"{len(data):,} characters of text, {steps} steps, batch {batch}x{seq}"
+    )
     pj.print_trainable_parameters(params, print_fn=print_fn)
 
     lr = lr if lr is not None else (3e-2 if method == "ia3" else 4e-3)
@@ -253,7 +255,10 @@ def run(
     y_base = jax.jit(model.apply)(base, eval_x)
     diff = float(jnp.max(jnp.abs(y_adapted - y_merged)))
     moved = float(jnp.max(jnp.abs(y_adapted - y_base)))
-    print_fn(f"merged model vs adapted forward: max |diff| = {diff:.2e} (adapter moved logits by {moved:.2f})")
+    print_fn(
+        f"merged model vs adapted forward: max |diff| = {diff:.2e} "
+        f"(adapter moved logits by {moved:.2f})"
+    )
 
     prompt = "The "
     sample = generate(model, merged, tok, prompt, 60, seq)

@@ -70,6 +70,10 @@ class _Binding:
 class _Tag:
     binding: _Binding
     dtype: Any  # dtype of the tagged value (after converts)
+    perm: tuple[int, ...] | None = None  # value axis i is the weight's axis perm[i] (transposes)
+
+    def axes(self, ndim: int) -> tuple[int, ...]:
+        return self.perm if self.perm is not None else tuple(range(ndim))
 
 
 def _effective(binding: _Binding, w, dtype):
@@ -85,9 +89,9 @@ def _effective(binding: _Binding, w, dtype):
             lw = w32.reshape((n,) + spec.layer_shape)
             la = {k: v.reshape((n,) + v.shape[binding.stack_left :]) for k, v in arrays.items()}
             ls = jnp.reshape(scale, (n,))
-            w32 = jax.vmap(lambda a, b, c: spec.merge_layer(a, b, c)[0])(lw, la, ls).reshape(
-                w.shape
-            )
+            w32 = jax.vmap(lambda a, b, c, spec=spec: spec.merge_layer(a, b, c)[0])(
+                lw, la, ls
+            ).reshape(w.shape)
     return w32.astype(dtype)
 
 
@@ -109,7 +113,6 @@ class _Interp:
     def run(self, jaxpr, consts, args, arg_tags):
         env: dict = {}
         tags: dict = {}
-        bases: dict = {}  # tagged var -> the tagged base value (for fallback)
 
         def read(v):
             if isinstance(v, jcore.Literal):
@@ -136,7 +139,13 @@ class _Interp:
                 return read(v)
             if v not in cache:
                 t = tags[v]
-                cache[v] = _effective(t.binding, env[v], t.dtype)
+                val = env[v]
+                if t.perm is None:
+                    cache[v] = _effective(t.binding, val, t.dtype)
+                else:  # build W + dW in the weight's orientation, then view it as the value
+                    inv = tuple(int(i) for i in np.argsort(t.perm))
+                    eff = _effective(t.binding, jnp.transpose(val, inv), t.dtype)
+                    cache[v] = jnp.transpose(eff, t.perm)
             return cache[v]
 
         for eqn in jaxpr.eqns:
@@ -173,7 +182,18 @@ def _bind(eqn, invals):
 def _convert(interp, eqn, read, tags, materialize):
     (v,) = eqn.invars
     out = eqn.primitive.bind(read(v), **eqn.params)
-    return [(out, _Tag(tags[v].binding, out.dtype))]
+    return [(out, dataclasses.replace(tags[v], dtype=out.dtype))]
+
+
+def _transpose(interp, eqn, read, tags, materialize):
+    """A transposed view of an adapted weight stays tagged (``x @ W.T`` as GPT-2's Conv1D)."""
+    (v,) = eqn.invars
+    val = read(v)
+    t: _Tag = tags[v]
+    axes = t.axes(val.ndim)
+    out = eqn.primitive.bind(val, **eqn.params)
+    perm = tuple(axes[i] for i in eqn.params["permutation"])
+    return [(out, dataclasses.replace(t, perm=perm))]
 
 
 def _dot(interp: _Interp, eqn, read, tags, materialize):
@@ -193,22 +213,34 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     if lay.kind == "conv":
         return None
     n_in = lay.n_in if lay.kind == "dense" else 1
-    w = read(w_v)
-    if tuple(sorted(wc)) != tuple(range(n_in)) or w.ndim != len(spec0.layer_shape):
+    val = read(w_v)  # the weight as the dot sees it (maybe transposed)
+    ndim = val.ndim
+    if ndim != len(spec0.layer_shape):
         return None
+    axes = tag.axes(ndim)  # value axis -> weight axis
+    inv = tuple(int(i) for i in np.argsort(axes))
+    w = val if tag.perm is None else jnp.transpose(val, inv)  # weight orientation
+    in_axes = tuple(range(ndim - n_in, ndim)) if lay.transposed else tuple(range(n_in))
+    wc_w = [axes[d] for d in wc]  # contracted weight axes, in dot order
+    if tuple(sorted(wc_w)) != in_axes:
+        return None
+    free_w = [axes[d] for d in range(ndim) if d not in wc]  # output axes in the dot's order
+    if free_w != sorted(free_w):
+        return None
+    out_axes_shape = tuple(w.shape[d] for d in free_w)
     for i, (spec, _, _) in enumerate(b.items):
         if not spec.factored or (spec.needs_base_output and i > 0):
             return None
     x = read(x_v)
     out = eqn.primitive.bind(read(lhs_v), read(rhs_v), **eqn.params)
     # x contracted dims in the order of W's input axes; free dims keep their order
-    order = np.argsort(wc)
+    order = np.argsort(wc_w)
     x_c = [xc[j] for j in order]
     x_free = [d for d in range(x.ndim) if d not in xc]
     n_in_flat, n_out_flat = spec0.in_out
     free_shape = [x.shape[d] for d in x_free]
     x2 = jnp.transpose(x, x_free + x_c).reshape(*free_shape, n_in_flat)
-    n_out_axes = w.ndim - n_in
+    n_out_axes = ndim - n_in
     if rt:  # out = (*x_free, *w_out)
         y2 = out.reshape(*free_shape, n_out_flat)
     else:  # out = (*w_out, *x_free)
@@ -218,13 +250,15 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     w2 = None
     for spec, arrays, scale in b.items:
         if spec.needs_base_output and w2 is None:
-            w2 = w.reshape(n_in_flat, n_out_flat)
-        y2 = spec.linear_forward(x2, y2, arrays, w2, jnp.asarray(scale, jnp.float32), interp.next_rng())
+            w2 = lay.to_matrix(w)
+        y2 = spec.linear_forward(
+            x2, y2, arrays, w2, jnp.asarray(scale, jnp.float32), interp.next_rng()
+        )
     if rt:
         y = y2.reshape(out.shape)
     else:
         nf = len(free_shape)
-        t = y2.reshape(*free_shape, *w.shape[n_in:])
+        t = y2.reshape(*free_shape, *out_axes_shape)
         perm = list(range(nf, nf + n_out_axes)) + list(range(nf))
         y = jnp.transpose(t, perm)
     return [(y.astype(out.dtype), None)]
@@ -236,7 +270,7 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
         return None
     tag: _Tag = tags[w_v]
     b = tag.binding
-    if b.stack_left:
+    if b.stack_left or tag.perm is not None:
         return None
     dn = eqn.params["dimension_numbers"]
     w = read(w_v)
@@ -296,7 +330,7 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
     xs, xs_tags, extra = [], [], []
     for v in xs_v:
         t = tags.get(v) if not isinstance(v, jcore.Literal) else None
-        if t is not None and t.binding.stack_left >= 1:
+        if t is not None and t.binding.stack_left >= 1 and t.perm is None:
             xs.append(read(v))
             xs_tags.append(t)
             extra.append(t.binding.slice_xs())
@@ -328,6 +362,7 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
 
 _HANDLERS = {
     "convert_element_type": _convert,
+    "transpose": _transpose,
     "dot_general": _dot,
     "gather": _gather,
     "pjit": _inline,
@@ -342,6 +377,9 @@ _HANDLERS = {
 
 
 # ------------------------------------------------------------------------------------ entry
+
+
+_ARRAY = object()  # marks an array output leaf among the kept non-array ones
 
 
 def _is_array(x) -> bool:
@@ -407,7 +445,8 @@ def apply(fn, *, rng: jax.Array | None = None):
       and scanned layers.
 
     >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> p = pj.inject({"w": jnp.eye(3)}, pj.LoraConfig(r=1, target_modules=["w"]), key=jax.random.key(0))
+    >>> cfg = pj.LoraConfig(r=1, target_modules=["w"])
+    >>> p = pj.inject({"w": jnp.eye(3)}, cfg, key=jax.random.key(0))
     >>> pj.apply(lambda p, x: x @ p["w"])(p, jnp.ones((2, 3))).shape
     (2, 3)
     """
@@ -421,19 +460,25 @@ def apply(fn, *, rng: jax.Array | None = None):
         dyn_idx = [i for i, v in enumerate(vals) if _is_array(v)]
         static = list(vals)
 
+        out_info: dict = {}
+
         def flat_fn(*dyn):
             full = list(static)
-            for i, d in zip(dyn_idx, dyn):
+            for i, d in zip(dyn_idx, dyn, strict=True):
                 full[i] = d
             a, k = jax.tree_util.tree_unflatten(treedef, full)
-            return fn(*a, **k)
+            # Non-array outputs (strings, None, ints...) are kept out of the trace and put back.
+            leaves, out_info["tree"] = jax.tree_util.tree_flatten(fn(*a, **k))
+            out_info["static"] = [_ARRAY if _is_array(x) else x for x in leaves]
+            return [x for x in leaves if _is_array(x)]
 
         dyn = [vals[i] for i in dyn_idx]
-        closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
+        closed = jax.make_jaxpr(flat_fn)(*dyn)
         arg_tags = [
             _Tag(binds[i], vals[i].dtype) if binds[i] is not None else None for i in dyn_idx
         ]
-        outs = _Interp(rng).run(closed.jaxpr, closed.consts, dyn, arg_tags)
-        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+        outs = iter(_Interp(rng).run(closed.jaxpr, closed.consts, dyn, arg_tags))
+        leaves = [next(outs) if x is _ARRAY else x for x in out_info["static"]]
+        return jax.tree_util.tree_unflatten(out_info["tree"], leaves)
 
     return wrapped

@@ -11,6 +11,8 @@ Every method works on a *matrix view* of a weight, in Flax orientation ``(in, ou
   ``(in * prod(spatial), out)`` with index order ``(in, *spatial)``, the transpose of PEFT's
   ``weight.flatten(1)`` of a torch ``(out, in, *spatial)`` weight.
 * ``embed``: shape ``(*stack, vocab, features)`` (Flax ``Embed``); the view is the table itself.
+* ``dense`` with ``transposed=True``: shape ``(*stack, *out_axes, *in_axes)``, input axes last
+  (e.g. transformers' Flax GPT-2 kernels, stored ``(out, in)``); the view is the transpose.
 
 ``stack`` counts leading axes of stacked (scanned) layers, ``(L, in, out)`` for ``nn.scan``;
 each layer gets its own adapter slice.
@@ -35,19 +37,27 @@ class Layout:
     Args:
       kind: ``"dense"``, ``"conv"`` or ``"embed"``.
       stack: number of leading stacked-layer axes (``1`` for ``nn.scan`` / ``nnx.scan`` trees).
-      n_in: for ``dense``, how many axes after the stack axes are input (contracted) axes.
+      n_in: for ``dense``, how many axes are input (contracted) axes: the first ``n_in`` after
+        the stack axes, or the last ``n_in`` with ``transposed``.
+      transposed: for ``dense``, the weight stores output axes before input axes.
     """
 
     kind: str = "dense"
     stack: int = 0
     n_in: int = 1
+    transposed: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise UnsupportedModuleError(f"Layout `kind={self.kind!r}`: must be one of {KINDS}.")
+        if self.transposed and self.kind != "dense":
+            raise UnsupportedModuleError(
+                f"Layout `transposed=True` is for dense weights, not {self.kind}."
+            )
         if self.stack < 0 or self.n_in < 1:
             raise UnsupportedModuleError(
-                f"Layout needs `stack >= 0` and `n_in >= 1`, got stack={self.stack}, n_in={self.n_in}."
+                f"Layout needs `stack >= 0` and `n_in >= 1`, got stack={self.stack}, "
+                f"n_in={self.n_in}."
             )
 
     def check(self, shape: tuple[int, ...], path: str) -> None:
@@ -69,6 +79,8 @@ class Layout:
     def in_out(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """(in_features, out_features) of one layer's matrix view."""
         s = self.layer_shape(shape)
+        if self.kind == "dense" and self.transposed:
+            return math.prod(s[len(s) - self.n_in :]), math.prod(s[: len(s) - self.n_in])
         if self.kind == "dense":
             return math.prod(s[: self.n_in]), math.prod(s[self.n_in :])
         if self.kind == "conv":
@@ -86,6 +98,8 @@ class Layout:
             nsp = w.ndim - 2
             perm = (nsp,) + tuple(range(nsp)) + (nsp + 1,)
             return jnp.transpose(w, perm).reshape(-1, w.shape[-1])
+        if self.kind == "dense" and self.transposed:
+            return w.reshape(-1, math.prod(w.shape[w.ndim - self.n_in :])).T
         if self.kind == "dense":
             return w.reshape(math.prod(w.shape[: self.n_in]), -1)
         return w
@@ -100,6 +114,8 @@ class Layout:
             nsp = len(sp)
             perm = tuple(range(1, nsp + 1)) + (0, nsp + 1)
             return jnp.transpose(t, perm)
+        if self.kind == "dense" and self.transposed:
+            return m.T.reshape(layer_shape)
         return m.reshape(layer_shape)
 
 
@@ -143,7 +159,9 @@ def resolve_layout(layouts: LayoutSpec, path: str, leaf_name: str, leaf) -> Layo
         raise UnsupportedModuleError(
             f"module `{path}`: cannot tell how to read weight `{leaf_name}` of shape {shape} "
             "(3-D and higher weights may be stacked layers, DenseGeneral kernels or 1-D convs). "
-            "Pass e.g. `layouts={'" + path.split('.')[-1] + "': pj.Layout('dense', stack=1)}` to `inject`."
+            "Pass e.g. `layouts={'"
+            + path.split(".")[-1]
+            + "': pj.Layout('dense', stack=1)}` to `inject`."
         )
     lay.check(shape, path)
     return lay

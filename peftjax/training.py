@@ -48,8 +48,12 @@ def combine(trainable, frozen):
 
 
 def trainable_mask(params):
-    """A tree of bools, True on the trainable adapter arrays (for ``optax.masked`` users who
-    keep a single tree)."""
+    """A tree of bools with ``params``' structure, True on the trainable adapter arrays.
+
+    Note: ``optax.masked(tx, mask)`` alone passes the *raw gradients* of masked-out leaves
+    through as updates, which would change frozen weights; use `adapter_optimizer` (or chain a
+    masked ``optax.set_to_zero()`` for the complement) when training a single full tree.
+    """
     t, _ = partition(params)
     full = jax.tree_util.tree_map(lambda x: x, params, is_leaf=is_adapted)
 
@@ -57,7 +61,7 @@ def trainable_mask(params):
         if not is_adapted(node):
             return False
         arrays = {
-            n: jax.tree_util.tree_map(lambda _: tn.arrays[n] is not None, a)
+            n: jax.tree_util.tree_map(lambda _, n=n: tn.arrays[n] is not None, a)
             for n, a in node.arrays.items()
         }
         return node.replace(base=False, arrays=arrays)
@@ -122,3 +126,27 @@ def summary(params, print_fn=print) -> str:
     text = "\n".join([head, *lines])
     print_fn(text)
     return text
+
+
+def adapter_optimizer(tx, params):
+    """Wrap optax transformation ``tx`` for training a single full tree of ``params``.
+
+    The trainable adapter arrays get ``tx``; every other leaf (base weights, inactive or
+    merged adapters) gets a zero update and no optimizer state (``optax.set_to_zero``). For
+    the leanest training, prefer `partition` / `combine`: gradients are then never computed
+    for frozen weights at all.
+
+    >>> import jax, jax.numpy as jnp, optax, peftjax as pj
+    >>> p = pj.inject({"q": {"kernel": jnp.ones((4, 4))}}, pj.LoraConfig(r=2, target_modules=["q"]),
+    ...               key=jax.random.key(0))
+    >>> opt = pj.adapter_optimizer(optax.adam(1e-2), p)
+    >>> state = opt.init(p)
+    """
+    import optax
+
+    labels = jax.tree_util.tree_map(
+        lambda m: "adapter" if m else "frozen",
+        trainable_mask(params),
+        is_leaf=lambda x: isinstance(x, bool),
+    )
+    return optax.multi_transform({"adapter": tx, "frozen": optax.set_to_zero()}, labels)

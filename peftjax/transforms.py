@@ -416,7 +416,7 @@ def inject(
                     owner=w.name,
                 )
                 new[b.index] = dataclasses.replace(b, value=_new_node(b, name, bspec, {}, act))
-    for j, mod in enumerate(save_paths):
+    for mod in save_paths:
         for l in _subtree(groups, mod):
             spec = CopySpec(
                 layout=Layout("dense"),

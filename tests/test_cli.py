@@ -22,7 +22,9 @@ def _checkpoint(tmp_path, case, shards: int, dtype=np.float32) -> Path:
     d.mkdir()
     keys = sorted(base)
     if shards == 1:
-        save_file({k: base[k].astype(dtype) for k in keys}, d / "model.safetensors", {"format": "pt"})
+        save_file(
+            {k: base[k].astype(dtype) for k in keys}, d / "model.safetensors", {"format": "pt"}
+        )
     else:
         weight_map = {}
         for i, chunk in enumerate(np.array_split(np.array(keys), shards)):
@@ -43,7 +45,11 @@ def test_merge_matches_peft_merge_and_unload(tmp_path, case, shards, capsys):
     out = tmp_path / "out"
     rc = cli.main(["merge", "--base", str(base), "--adapter", str(FIX / case), "--out", str(out)])
     assert rc == 0
-    expected = {k[len("merged.") :]: v for k, v in load_file(FIX / case / "io.safetensors").items() if k.startswith("merged.")}
+    expected = {
+        k[len("merged.") :]: v
+        for k, v in load_file(FIX / case / "io.safetensors").items()
+        if k.startswith("merged.")
+    }
     got = {}
     for f in sorted(out.glob("*.safetensors")):
         got.update(load_file(f))
@@ -63,7 +69,12 @@ def test_merge_keeps_bf16_dtype(tmp_path):
 
     base = _checkpoint(tmp_path, "llama_lora", 2, dtype=ml_dtypes.bfloat16)
     out = tmp_path / "out"
-    assert cli.main(["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            ["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)]
+        )
+        == 0
+    )
     from peftjax.io import read_safetensors
 
     for f in sorted(out.glob("*.safetensors")):
@@ -81,7 +92,9 @@ def test_merge_refuses_pickle_and_writes_nothing_on_error(tmp_path, capsys):
     base.mkdir()
     (base / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     out = tmp_path / "out"
-    rc = cli.main(["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)])
+    rc = cli.main(
+        ["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)]
+    )
     assert rc == 2
     assert "pickle" in capsys.readouterr().err
     assert not out.exists()
@@ -90,7 +103,9 @@ def test_merge_refuses_pickle_and_writes_nothing_on_error(tmp_path, capsys):
     t = load_file(base2 / "model.safetensors")
     del t["model.layers.1.self_attn.q_proj.weight"]
     save_file(t, base2 / "model.safetensors")
-    rc = cli.main(["merge", "--base", str(base2), "--adapter", str(FIX / "llama_lora"), "--out", str(out)])
+    rc = cli.main(
+        ["merge", "--base", str(base2), "--adapter", str(FIX / "llama_lora"), "--out", str(out)]
+    )
     assert rc == 2
     assert "model.layers.1.self_attn.q_proj" in capsys.readouterr().err
     assert not out.exists()
@@ -106,7 +121,9 @@ def test_merge_safe_refuses_non_finite(tmp_path, capsys):
     save_file(t, adapter / "adapter_model.safetensors", {"format": "pt"})
     base = _checkpoint(tmp_path, "llama_lora", 1)
     out = tmp_path / "out"
-    rc = cli.main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--safe"])
+    rc = cli.main(
+        ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--safe"]
+    )
     assert rc == 2
     assert "non-finite" in capsys.readouterr().err
     assert not out.exists()
@@ -123,7 +140,15 @@ def test_inspect(capsys):
 def test_demo_trains_merges_and_saves(tmp_path):
     from peftjax.demo import run
 
-    res = run(method="lora", rank=4, steps=30, batch=8, seq=32, out=str(tmp_path / "a"), print_fn=lambda *a: None)
+    res = run(
+        method="lora",
+        rank=4,
+        steps=30,
+        batch=8,
+        seq=32,
+        out=str(tmp_path / "a"),
+        print_fn=lambda *a: None,
+    )
     assert res["loss_after"] < res["loss_before"] - 0.3
     assert res["merge_diff"] < 1e-3 and res["moved"] > 0.1
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()

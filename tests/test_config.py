@@ -10,8 +10,7 @@ import pickle
 import jax
 import jax.numpy as jnp
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from peftjax.config import (
     PEFT_TYPES,

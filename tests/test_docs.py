@@ -28,13 +28,15 @@ def test_readme_quickstart_runs_as_written(capsys):
 def test_readme_setup_commands_are_the_ci_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    assert 'pip install -e . && peftjax demo' in readme
+    assert "pip install -e . && peftjax demo" in readme
     assert 'pip install -e ".[test]" && python -m pytest' in readme
     assert 'pip install -e ".[test]"' in ci and "python -m pytest" in ci
 
 
 MODULES = sorted(
-    m.name for m in pkgutil.walk_packages(peftjax.__path__, "peftjax.") if m.name != "peftjax.__main__"
+    m.name
+    for m in pkgutil.walk_packages(peftjax.__path__, "peftjax.")
+    if m.name != "peftjax.__main__"
 )
 
 
@@ -48,8 +50,26 @@ def test_docstring_examples(name):
 def test_public_names_are_exported():
     for name in peftjax.__all__:
         assert hasattr(peftjax, name), name
-    for name in ["inject", "set_active", "delete", "merge", "unmerge", "merge_and_unload", "unload",
-                 "adapter_names", "active", "targeted_modules", "partition", "combine", "apply",
-                 "save_pretrained", "load_pretrained", "LoraConfig", "LoHaConfig", "LoKrConfig",
-                 "IA3Config", "LNTuningConfig"]:
+    for name in [
+        "inject",
+        "set_active",
+        "delete",
+        "merge",
+        "unmerge",
+        "merge_and_unload",
+        "unload",
+        "adapter_names",
+        "active",
+        "targeted_modules",
+        "partition",
+        "combine",
+        "apply",
+        "save_pretrained",
+        "load_pretrained",
+        "LoraConfig",
+        "LoHaConfig",
+        "LoKrConfig",
+        "IA3Config",
+        "LNTuningConfig",
+    ]:
         assert name in peftjax.__all__, name

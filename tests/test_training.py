@@ -277,3 +277,31 @@ def test_config_replace_keeps_training_identical():
     assert la == lb
     for a, b in zip(jax.tree_util.tree_leaves(qa), jax.tree_util.tree_leaves(qb), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_adapter_optimizer_updates_only_adapters_on_a_full_tree():
+    import optax
+
+    key = jax.random.key(0)
+    p = {"fc": {"kernel": jax.random.normal(key, (8, 6)), "bias": jnp.zeros(6)}}
+    q = pj.inject(p, pj.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False), key=key)
+    opt = pj.adapter_optimizer(optax.adam(1e-2), q)
+    state = opt.init(q)
+    shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(state) if hasattr(x, "shape")}
+    assert (8, 6) not in shapes and (6,) not in shapes  # no state for frozen weights
+    x = jax.random.normal(key, (4, 8))
+    loss = lambda q: jnp.sum(
+        pj.apply(lambda p, x: x @ p["fc"]["kernel"] + p["fc"]["bias"])(q, x) ** 2
+    )
+    for _ in range(3):
+        g = jax.grad(loss)(q)
+        u, state = opt.update(g, state, q)
+        q = optax.apply_updates(q, u)
+    node = q["fc"]["kernel"]
+    np.testing.assert_array_equal(node.base, p["fc"]["kernel"])  # base untouched
+    np.testing.assert_array_equal(q["fc"]["bias"], p["fc"]["bias"])
+    t0, _ = pj.partition(
+        pj.inject(p, pj.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False), key=key)
+    )
+    moved = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), pj.partition(q)[0], t0)
+    assert all(m > 0 for m in jax.tree_util.tree_leaves(moved))

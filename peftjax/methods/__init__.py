@@ -7,4 +7,13 @@ from .lokr import LoKrSpec, factorization
 from .lora import LoraSpec
 from .swap import CopySpec
 
-__all__ = ["CopySpec", "IA3BiasSpec", "IA3Spec", "LoHaSpec", "LoKrSpec", "LoraSpec", "Spec", "factorization"]
+__all__ = [
+    "CopySpec",
+    "IA3BiasSpec",
+    "IA3Spec",
+    "LoHaSpec",
+    "LoKrSpec",
+    "LoraSpec",
+    "Spec",
+    "factorization",
+]

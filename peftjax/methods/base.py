@@ -146,9 +146,8 @@ def dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-
 def rank_dropout_mask(rng, n: int, rate: float, rescale: bool):
-    """LyCORIS rank dropout: keep each output unit with prob ``1 - rate`` (PEFT: ``rand > rate``)."""
+    """LyCORIS rank dropout: keep each output unit with prob ``1 - rate`` (``rand > rate``)."""
     keep = (jax.random.uniform(rng, (n,)) > rate).astype(jnp.float32)
     if rescale:
         keep = keep / jnp.maximum(keep.mean(), 1e-12)

@@ -6,7 +6,8 @@ orientation), so ``dW^T = kron(w1^T, w2^T)`` is the ``(in, out)`` delta:
 
 * ``lokr_w1 (c, a)``, or ``lokr_w1_b (c, r) @ lokr_w1_a (r, a)`` (decomposed, ``decompose_both``
   and ``r < max(a, c) / 2``);
-* ``lokr_w2 (d, b)`` (conv: ``(kh, kw, d, b)``), or ``lokr_w2_b (d * kh * kw, r) @ lokr_w2_a (r, b)``
+* ``lokr_w2 (d, b)`` (conv: ``(kh, kw, d, b)``), or
+  ``lokr_w2_b (d * kh * kw, r) @ lokr_w2_a (r, b)``
   (decomposed when ``r < max(b, d) / 2``).
 
 A conv's ``in`` is its channel count (PEFT factors channels, not the flattened kernel).
@@ -179,7 +180,7 @@ class LoKrSpec(Spec):
             k = jnp.einsum("ca,...db->...cdab", w1, w2)
             k = k.reshape(*w2.shape[:-2], c * d, a * b)
             return k * scale
-        return jnp.kron(w1, w2).reshape(self.layer_shape) * scale
+        return self.from_matrix(jnp.kron(w1, w2)) * scale
 
     def delta_matrix(self, arrays, scale):
         return self.to_matrix(self.delta_layer(arrays, scale))

@@ -56,7 +56,9 @@ class LoraSpec(Spec):
             )
             b = jax.random.normal(kb, (r, out), dtype)
         else:
-            a_shape = (*lay.spatial(self.shape), self.shape[-2], r) if lay.kind == "conv" else (fan_in, r)
+            a_shape = (
+                (*lay.spatial(self.shape), self.shape[-2], r) if lay.kind == "conv" else (fan_in, r)
+            )
             if self.init_weights == "gaussian":
                 a = jax.random.normal(ka, a_shape, dtype) / r
             else:
