@@ -11,7 +11,8 @@ How it works (a small jaxpr interpreter, public JAX API only: ``jax.make_jaxpr``
    contracts a tagged weight over its input axes, the base product is computed as usual and each
    adapter's factored rule is added on the matrix view: LoRA ``x @ A @ B * s``, LoKr through the
    Kronecker identity, DoRA and IA3 as PEFT's forward; LoHa builds its delta for that module only.
-   A ``gather`` of rows of an embedding table (``jnp.take``, ``Embed``) gathers LoRA's ``A`` rows.
+   A ``gather`` of rows of an embedding table (``jnp.take``, ``Embed``) gathers LoRA's ``A`` rows;
+   a ``conv_general_dilated`` with an adapted kernel runs LoRA as PEFT does, ``conv(x, A) @ B``.
 3. ``jit`` calls are inlined; ``scan`` (``nn.scan``, ``nnx.scan``, ``lax.scan``) is re-issued with
    ``jax.lax.scan`` whose body is interpreted, the stacked adapter arrays entering as extra
    ``xs`` (so no per-adapter copy of the stacked base is made); ``remat`` is re-issued with
@@ -35,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from .methods import CopySpec, IA3BiasSpec, Spec
+from .methods import CopySpec, IA3BiasSpec, LoraSpec, Spec
+from .methods.base import dropout
 from .node import is_adapted
 
 __all__ = ["apply"]
@@ -264,6 +266,43 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     return [(y.astype(out.dtype), None)]
 
 
+def _conv(interp: _Interp, eqn, read, tags, materialize):
+    """LoRA on a conv kernel, factored as PEFT: ``conv(dropout(x), A)`` then ``@ B``."""
+    lhs_v, rhs_v = eqn.invars
+    if isinstance(rhs_v, jcore.Literal) or rhs_v not in tags or lhs_v in tags:
+        return None
+    tag: _Tag = tags[rhs_v]
+    b = tag.binding
+    p = eqn.params
+    if b.stack_left or tag.perm is not None:
+        return None
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return None
+    w = read(rhs_v)
+    nd = w.ndim
+    # the kernel must be read as the Flax layout (*spatial, in, out) the adapter was built for
+    if tuple(p["dimension_numbers"].rhs_spec) != (nd - 1, nd - 2, *range(nd - 2)):
+        return None
+    for spec, _, _ in b.items:
+        if not isinstance(spec, LoraSpec) or spec.use_dora or spec.layout.kind != "conv":
+            return None
+        if spec.layout.layer_shape(spec.shape) != tuple(w.shape):
+            return None
+    x = read(lhs_v)
+    out = eqn.primitive.bind(x, w, **p)
+    fdim = p["dimension_numbers"].out_spec[1]
+    y = out
+    for spec, arrays, scale in b.items:
+        a = arrays["lora_A"]
+        dt = jnp.promote_types(x.dtype, a.dtype)
+        xd = dropout(x.astype(dt), spec.lora_dropout, interp.next_rng())
+        t = eqn.primitive.bind(xd, a.astype(dt), **dict(p, preferred_element_type=None))
+        t = jnp.moveaxis(jnp.moveaxis(t, fdim, -1) @ arrays["lora_B"].astype(dt), -1, fdim)
+        acc = jnp.promote_types(y.dtype, t.dtype)
+        y = (y.astype(acc) + t * jnp.asarray(scale, t.dtype)).astype(out.dtype)
+    return [(y, None)]
+
+
 def _gather(interp: _Interp, eqn, read, tags, materialize):
     w_v, idx_v = eqn.invars
     if isinstance(idx_v, jcore.Literal) is False and idx_v in tags:
@@ -364,6 +403,7 @@ _HANDLERS = {
     "convert_element_type": _convert,
     "transpose": _transpose,
     "dot_general": _dot,
+    "conv_general_dilated": _conv,
     "gather": _gather,
     "pjit": _inline,
     "jit": _inline,
