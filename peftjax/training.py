@@ -73,6 +73,11 @@ def _size(x) -> int:
     return int(np.prod(getattr(x, "shape", ()))) if x is not None else 0
 
 
+def _adapter_size(arrays) -> int:
+    """Parameters of one adapter's arrays (DoRA's cached ``weight_norm`` is not a parameter)."""
+    return sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
+
+
 def count_parameters(params) -> tuple[int, int]:
     """``(trainable, all)`` parameter counts, as HF PEFT's ``get_nb_trainable_parameters``:
     all = base weights plus every adapter's arrays; trainable = active unmerged adapters."""
@@ -82,19 +87,21 @@ def count_parameters(params) -> tuple[int, int]:
     for x in jax.tree_util.tree_leaves(params, is_leaf=is_adapted):
         if is_adapted(x):
             total += _size(x.base)
-            total += sum(
-                _size(v) for n, a in x.arrays.items() for k, v in a.items() if k != "weight_norm"
-            )
+            total += sum(_adapter_size(a) for a in x.arrays.values())
         else:
             total += _size(x)
     return trainable, total
 
 
-def print_trainable_parameters(params, print_fn=print) -> str:
-    """Print HF PEFT's line: ``trainable params: T || all params: A || trainable%: P``."""
+def _peft_line(params) -> str:
     trainable, total = count_parameters(params)
     pct = 100 * trainable / total if total else 0.0
-    line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(params, print_fn=print) -> str:
+    """Print HF PEFT's line: ``trainable params: T || all params: A || trainable%: P``."""
+    line = _peft_line(params)
     print_fn(line)
     return line
 
@@ -114,16 +121,13 @@ def summary(params, print_fn=print) -> str:
             continue
         base = f"{node.base.dtype}{list(node.base.shape)}"
         for n, spec in node.specs:
-            count = sum(_size(v) for k, v in node.arrays[n].items() if k != "weight_norm")
+            count = _adapter_size(node.arrays[n])
             state = "merged" if n in node.merged else ("active" if n in node.active else "off")
             rows.append((l.module, l.name, base, f"{n}: {spec.describe()}", f"{count:,d}", state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    trainable, total = count_parameters(params)
-    pct = 100 * trainable / total if total else 0.0
-    head = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
-    text = "\n".join([head, *lines])
+    text = "\n".join([_peft_line(params), *lines])
     print_fn(text)
     return text
 

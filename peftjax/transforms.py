@@ -536,16 +536,13 @@ def _ia3_bias_factor(group: list[_Leaf], bias_node: Adapted, name: str):
     spec: IA3BiasSpec = bias_node.spec(name)
     for l in group:
         if l.name == spec.owner and is_adapted(l.value) and name in l.value.names:
-            owner = l.value
-            vec = owner.spec(name).bias_vector(owner.arrays[name], 1.0)
-            o_spec = owner.spec(name)
-            if o_spec.layout.stack:
-                l_ = owner.arrays[name]["ia3_l"].astype(jnp.float32)
-                on = (o_spec.scale_array() != 0).reshape(
-                    o_spec.layout.stack_shape(o_spec.shape) + (1,)
-                )
-                return jnp.where(on, l_, jnp.ones_like(l_))
-            return vec
+            o_spec, arrays = l.value.spec(name), l.value.arrays[name]
+            if not o_spec.layout.stack:
+                return o_spec.bias_vector(arrays, o_spec.scaling[0])
+            # per layer: the layer's own ia3_l, or ones where layers_to_transform turned it off
+            flat = {"ia3_l": arrays["ia3_l"].reshape(o_spec.n_layers, -1)}
+            vec = jax.vmap(o_spec.bias_vector)(flat, o_spec.scale_array())
+            return vec.reshape(arrays["ia3_l"].shape)
     raise MergeError(f"IA3 bias owner `{spec.owner}` not found")
 
 
