@@ -54,26 +54,17 @@ def _shards(base: Path) -> tuple[list[str], dict | None]:
     raise FormatError(f"`{base}` has no {SINGLE_NAME} or {INDEX_NAME}.")
 
 
-def _to_flax(w: np.ndarray, kind: str) -> tuple[str, np.ndarray]:
-    if kind == "embed":
-        return "embedding", w
-    if w.ndim == 2:
-        return "kernel", w.T
-    if w.ndim == 4:
-        return "kernel", w.transpose(2, 3, 1, 0)
-    if w.ndim == 3:
-        return "kernel", w.transpose(2, 1, 0)
-    raise FormatError(f"cannot merge into a weight of shape {w.shape}.")
+def _weight_leaf(kind: str, torch_ndim: int):
+    """The Flax leaf name of a checkpoint weight being merged into, and io's torch<->Flax rule."""
+    from .io import _Rule
 
-
-def _from_flax(w: np.ndarray, kind: str, ndim: int) -> np.ndarray:
     if kind == "embed":
-        return w
-    if ndim == 2:
-        return w.T
-    if ndim == 4:
-        return w.transpose(3, 2, 0, 1)
-    return w.transpose(2, 1, 0)
+        return "embedding", _Rule("id")
+    if torch_ndim == 2:
+        return "kernel", _Rule("T")
+    if torch_ndim in (3, 4, 5):
+        return "kernel", _Rule("conv")
+    raise FormatError(f"cannot merge into a weight with {torch_ndim} dims.")
 
 
 def _header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -90,17 +81,6 @@ def _header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         raise FormatError(
             f"`{path}` is not a valid safetensors file ({e}); is it truncated?"
         ) from None
-
-
-def _flax_shape(shape, kind: str) -> tuple[int, ...]:
-    shape = tuple(shape)
-    if kind == "embed":
-        return shape
-    if len(shape) == 2:
-        return shape[::-1]
-    if len(shape) == 4:
-        return (shape[2], shape[3], shape[1], shape[0])
-    return (shape[2], shape[1], shape[0])
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -156,12 +136,9 @@ def merge_checkpoint(
             if mod in kinds and param in ("weight", "bias"):
                 where.setdefault(mod, fname)
                 if param == "weight":
-                    leaf = "embedding" if kinds[mod] == "embed" else "kernel"
-                    _set(
-                        abstract,
-                        f"{mod}.{leaf}",
-                        jax.ShapeDtypeStruct(_flax_shape(shape, kinds[mod]), dtype),
-                    )
+                    leaf, rule = _weight_leaf(kinds[mod], len(shape))
+                    sds = jax.ShapeDtypeStruct(rule.flax_shape(shape), dtype)
+                    _set(abstract, f"{mod}.{leaf}", sds)
                 elif pt == "IA3":
                     _set(abstract, f"{mod}.bias", jax.ShapeDtypeStruct(tuple(shape), dtype))
     missing = sorted(set(kinds) - set(where))
@@ -247,13 +224,14 @@ def _merge_module(adapted, mod: str, kind: str, shard, safe: bool) -> dict[str, 
     from .transforms import merge_and_unload
 
     group = dict(_get(adapted, mod))
-    leaf = "embedding" if kind == "embed" else "kernel"
     wkey = f"{mod}.weight"
-    group[leaf] = group[leaf].replace(base=jnp.asarray(_to_flax(shard[wkey], kind)[1]))
+    leaf, rule = _weight_leaf(kind, shard[wkey].ndim)
+    w = rule.from_torch(shard[wkey], rule.flax_shape(shard[wkey].shape))
+    group[leaf] = group[leaf].replace(base=jnp.asarray(w))
     if "bias" in group:
         group["bias"] = group["bias"].replace(base=jnp.asarray(shard[f"{mod}.bias"]))
     merged = merge_and_unload({"m": group}, safe=safe)["m"]
-    out = {wkey: _from_flax(np.asarray(merged[leaf]), kind, shard[wkey].ndim)}
+    out = {wkey: rule.to_torch(np.asarray(merged[leaf]))}
     if "bias" in merged:
         out[f"{mod}.bias"] = np.asarray(merged["bias"])
     return out

@@ -265,6 +265,21 @@ class _Rule:
             return (1, s[0], *ones)
         return tuple(s)
 
+    def flax_shape(self, t: tuple[int, ...]) -> tuple[int, ...]:
+        """Inverse of `torch_shape`."""
+        c = self.code
+        if c == "T":
+            return tuple(reversed(t))
+        if c == "conv":
+            return (*t[2:], t[1], t[0])
+        if c == "convB":
+            return (t[1], t[0])
+        if c == "col":
+            return (t[0],)
+        if c in ("row", "vconv"):
+            return (t[1],)
+        return tuple(t)
+
     def to_torch(self, a: np.ndarray) -> np.ndarray:
         c = self.code
         if c == "T":

@@ -154,3 +154,24 @@ def test_demo_trains_merges_and_saves(tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+
+def test_merge_lora_embedding_checkpoint(tmp_path):
+    """An embedding LoRA (no transpose) merges like PEFT's merge_and_unload."""
+    case = "lora_embedding"
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file(
+        load_file(FIX / case / "base.safetensors"), base / "model.safetensors", {"format": "pt"}
+    )
+    out = tmp_path / "out"
+    rc = cli.main(["merge", "--base", str(base), "--adapter", str(FIX / case), "--out", str(out)])
+    assert rc == 0
+    got = load_file(out / "model.safetensors")
+    io = load_file(FIX / case / "io.safetensors")
+    for k, v in io.items():
+        if k.startswith("merged."):
+            np.testing.assert_allclose(got[k[len("merged.") :]], v, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(
+        got["emb.weight"], load_file(FIX / case / "base.safetensors")["emb.weight"]
+    )
