@@ -445,8 +445,7 @@ def _prepare(args_tree):
         for name, spec, arrays in pend:
             if isinstance(spec, CopySpec):
                 if items:  # adapters activated before the copy are replaced by it (as `merge`)
-                    b = _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack)
-                    value, items = _effective(b, value, value.dtype), []
+                    value, items = _effective(_binding(i, value, items), value, value.dtype), []
                 value = spec.value(value, arrays)
             elif isinstance(spec, IA3BiasSpec):
                 if groups is None:
@@ -457,13 +456,14 @@ def _prepare(args_tree):
                 items.append((spec, arrays, _scale_of(spec)))
         if items and any(isinstance(s, CopySpec) for _, s, _ in pend):
             # a copy plus other adapters on one leaf: just build the effective weight
-            b = _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack)
-            value, items = _effective(b, value, value.dtype), []
+            value, items = _effective(_binding(i, value, items), value, value.dtype), []
         vals.append(value)
-        binds.append(
-            _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack) if items else None
-        )
+        binds.append(_binding(i, value, items) if items else None)
     return vals, binds, treedef
+
+
+def _binding(i: int, value, items) -> _Binding:
+    return _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack)
 
 
 def _scale_of(spec: Spec):
