@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import time
@@ -67,22 +66,6 @@ def _weight_leaf(kind: str, torch_ndim: int):
     raise FormatError(f"cannot merge into a weight with {torch_ndim} dims.")
 
 
-def _header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Shapes and dtypes of a safetensors file from its header alone (no tensor data read)."""
-    from . import io
-
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        header.pop("__metadata__", None)
-        return {k: (tuple(v["shape"]), io._DTYPES[v["dtype"]]) for k, v in header.items()}
-    except (OSError, ValueError, KeyError, struct.error) as e:
-        raise FormatError(
-            f"`{path}` is not a valid safetensors file ({e}); is it truncated?"
-        ) from None
-
-
 def _set(tree: dict, path: str, value) -> None:
     node = tree
     parts = path.split(".")
@@ -131,7 +114,7 @@ def merge_checkpoint(
     where: dict[str, str] = {}
     abstract: dict = {}
     for fname in files:
-        for key, (shape, dtype) in _header(base / fname).items():
+        for key, (shape, dtype) in io.read_safetensors_header(base / fname).items():
             mod, _, param = key.rpartition(".")
             if mod in kinds and param in ("weight", "bias"):
                 where.setdefault(mod, fname)

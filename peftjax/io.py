@@ -176,6 +176,25 @@ def write_safetensors_streaming(
     _atomic_write(Path(path), chunks())
 
 
+def read_safetensors_header(
+    path: str | os.PathLike,
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each tensor's ``(shape, dtype)`` from a safetensors file's header alone (no data read)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > _MAX_HEADER:
+                raise ValueError(f"header of {n} bytes")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return {k: (tuple(v["shape"]), _DTYPES[v["dtype"]]) for k, v in header.items()}
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise FormatError(
+            f"`{path}` is not a valid safetensors file ({e}); is it truncated?"
+        ) from None
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """``(tensors, metadata)`` of a safetensors file; `FormatError` naming the file if it is
     missing, truncated or malformed. Tensors are read-only views of the file's bytes (one copy

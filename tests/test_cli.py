@@ -175,3 +175,16 @@ def test_merge_lora_embedding_checkpoint(tmp_path):
     assert not np.allclose(
         got["emb.weight"], load_file(FIX / case / "base.safetensors")["emb.weight"]
     )
+
+
+def test_merge_truncated_shard_header_is_a_clear_error(tmp_path, capsys):
+    base = _checkpoint(tmp_path, "llama_lora", 1)
+    (base / "model.safetensors").write_bytes(b"\x10\x00")  # not even the 8-byte length
+    out = tmp_path / "out"
+    rc = cli.main(
+        ["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora"), "--out", str(out)]
+    )
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "truncated" in err
+    assert not out.exists()
