@@ -1,0 +1,263 @@
+"""Hardening of the file readers and writers (issue 7): the safetensors reader against the
+reference implementation, file-type and link rules, plain adapter names, crash-safe
+`save_pretrained` (kill tests), invalid regexes in configs, strict loading, embedding base
+layers and relative checkpoint directories.
+
+Each bad input asserts the error class, that the message names the file / key / field, and that
+the caller's params and files are unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import peftjax as pj
+from peftjax import io as pio
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures" / "peft"
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def tree_snapshot(tree):
+    flat, treedef = jax.tree_util.tree_flatten(tree, is_leaf=pj.Adapted.__instancecheck__)
+    return treedef, [repr(x) if isinstance(x, pj.Adapted) else np.array(x) for x in flat]
+
+
+def assert_tree_unchanged(tree, snap):
+    treedef, items = tree_snapshot(tree)
+    assert treedef == snap[0]
+    for a, b in zip(items, snap[1], strict=True):
+        if isinstance(a, str):
+            assert a == b
+        else:
+            np.testing.assert_array_equal(a, b)
+
+
+def dir_bytes(d: Path) -> dict[str, bytes]:
+    """Every regular file under ``d`` (links as their target text), for "files untouched"."""
+    out = {}
+    for p in sorted(Path(d).rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(d))] = ("->" + os.readlink(p)).encode()
+        elif p.is_file():
+            out[str(p.relative_to(d))] = p.read_bytes()
+    return out
+
+
+def mlp_params(seed=0):
+    k = np.random.default_rng(seed)
+    return {
+        "fc1": {
+            "kernel": jnp.asarray(k.normal(size=(12, 20)), jnp.float32),
+            "bias": jnp.zeros((20,), jnp.float32),
+        },
+        "fc2": {
+            "kernel": jnp.asarray(k.normal(size=(20, 12)), jnp.float32),
+            "bias": jnp.zeros((12,), jnp.float32),
+        },
+    }
+
+
+def copy_fixture(case: str, dst: Path) -> Path:
+    d = dst / case
+    d.mkdir(parents=True)
+    for f in (pio.WEIGHTS_NAME, pio.CONFIG_NAME):
+        (d / f).write_bytes((FIX / case / f).read_bytes())
+    return d
+
+
+def base_of(case: str) -> dict:
+    """The fixture's base model as Flax params (Linear -> kernel (in, out), Embedding)."""
+    sd = load_file(str(FIX / case / "base.safetensors"))
+    out: dict = {}
+    for k, v in sd.items():
+        *mods, p = k.split(".")
+        node = out
+        for m in mods:
+            node = node.setdefault(m, {})
+        if v.ndim == 2 and mods[-1] in ("emb", "embed_tokens"):
+            node["embedding"] = jnp.asarray(v)
+        elif v.ndim == 2:
+            node["kernel"] = jnp.asarray(v.T)
+        else:
+            node[p] = jnp.asarray(v)
+    return out
+
+
+# ---------------------------------------------------------------------------------- 1. safetensors
+
+
+def _st(header, data=b"", raw=None) -> bytes:
+    h = raw if raw is not None else json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+_A = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+_B = {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}
+_D8 = np.arange(2, dtype=np.float32).tobytes()
+_D16 = np.arange(4, dtype=np.float32).tobytes()
+
+
+def _corpus() -> dict[str, bytes]:
+    c = {
+        "valid": _st({"a": _A, "b": _B}, _D16),
+        "valid_metadata": _st({"__metadata__": {"format": "pt"}, "a": _A}, _D8),
+        "valid_null_metadata": _st({"__metadata__": None, "a": _A}, _D8),
+        "valid_empty": _st({}),
+        "valid_zero_size": _st(
+            {"a": _A, "z": {"dtype": "F32", "shape": [0, 3], "data_offsets": [8, 8]}}, _D8
+        ),
+        "valid_keys_out_of_offset_order": _st({"b": _B, "a": _A}, _D16),
+        "valid_whitespace_padding": _st(None, _D8, raw=json.dumps({"a": _A}).encode() + b"   "),
+        "valid_extra_field": _st({"a": {**_A, "x": [1, "y"]}}, _D8),
+        "valid_scalar": _st({"a": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}}, _D8[:4]),
+        "valid_int_and_bool": _st(
+            {
+                "i": {"dtype": "I32", "shape": [1], "data_offsets": [0, 4]},
+                "b": {"dtype": "BOOL", "shape": [2], "data_offsets": [4, 6]},
+            },
+            b"\x07\0\0\0\x01\0",
+        ),
+        "metadata_list": _st({"__metadata__": ["x"], "a": _A}, _D8),
+        "metadata_str": _st({"__metadata__": "pt", "a": _A}, _D8),
+        "metadata_int_value": _st({"__metadata__": {"format": 1}, "a": _A}, _D8),
+        "metadata_twice": _st(
+            None,
+            _D8,
+            raw=b'{"__metadata__":{},"__metadata__":{},"a":' + json.dumps(_A).encode() + b"}",
+        ),
+        "shape_negative": _st({"a": {**_A, "shape": [-2]}}, _D8),
+        "shape_float": _st({"a": {**_A, "shape": [2.0]}}, _D8),
+        "shape_minus_zero": _st(
+            None, b"", raw=b'{"a":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}'
+        ),
+        "shape_bool": _st({"a": {**_A, "shape": [True, 2]}}, _D8),
+        "shape_str": _st({"a": {**_A, "shape": ["2"]}}, _D8),
+        "offsets_overlap": _st({"a": _A, "b": {**_A, "data_offsets": [4, 12]}}, _D16[:12]),
+        "offsets_gap": _st({"a": {**_A, "data_offsets": [4, 12]}}, b"\0" * 4 + _D8),
+        "offsets_same": _st({"a": _A, "b": _A}, _D8),
+        "offsets_reversed": _st({"a": {**_A, "data_offsets": [8, 0]}}, _D8),
+        "offsets_three": _st({"a": {**_A, "data_offsets": [0, 8, 8]}}, _D8),
+        "offsets_float": _st({"a": {**_A, "data_offsets": [0.0, 8]}}, _D8),
+        "size_mismatch": _st({"a": {**_A, "shape": [3]}}, _D8),
+        "trailing_bytes": _st({"a": _A}, _D8 + b"xy"),
+        "trailing_bytes_empty": _st({}, b"x"),
+        "short_data": _st({"a": _B}, _D8),
+        "unknown_dtype": _st({"a": {**_A, "dtype": "F31"}}, _D8),
+        "lowercase_dtype": _st({"a": {**_A, "dtype": "f32"}}, _D8),
+        "missing_shape": _st({"a": {"dtype": "F32", "data_offsets": [0, 8]}}, _D8),
+        "tensor_not_object": _st({"a": [1, 2]}, _D8),
+        "header_not_object": _st(None, b"", raw=b"[]"),
+        "header_nan": _st(
+            None, b"", raw=b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"x":NaN}}'
+        ),
+        "header_bad_utf8": _st(None, b"", raw=b'{"\xff":1}'),
+        "header_lone_surrogate": _st(None, b"", raw=b'{"__metadata__":{"a":"\\ud800"}}'),
+        "header_too_deep": _st(
+            None,
+            b"",
+            raw=b'{"a":{"dtype":"F32","shape":[0],'
+            b'"data_offsets":[0,0],"x":' + b"[" * 126 + b"]" * 126 + b"}}",
+        ),
+        "valid_deep_nesting": _st(
+            None,
+            b"",
+            raw=b'{"a":{"dtype":"F32","shape":[0],'
+            b'"data_offsets":[0,0],"x":' + b"[" * 125 + b"]" * 125 + b"}}",
+        ),
+        "header_nul_after": _st(None, _D8, raw=json.dumps({"a": _A}).encode() + b"\0"),
+        "header_length_past_end": struct.pack("<Q", 1000) + b"{}",
+        "header_length_huge": struct.pack("<Q", 2**63) + b"{}",
+        "only_4_bytes": b"\x02\0\0\0",
+        "empty_file": b"",
+    }
+    return c
+
+
+def test_safetensors_reader_accepts_exactly_what_the_reference_accepts(tmp_path):
+    corpus = _corpus()
+    accepted = 0
+    for name, blob in corpus.items():
+        f = tmp_path / f"{name}.safetensors"
+        f.write_bytes(blob)
+        try:
+            want = load_file(str(f))
+        except Exception:  # the reference refuses it
+            want = None
+        try:
+            got, _ = pio.read_safetensors(f)
+        except pj.FormatError as e:
+            assert str(f) in str(e), name
+            got = None
+        try:
+            head = pio.read_safetensors_header(f)
+        except pj.FormatError as e:
+            assert str(f) in str(e), name
+            head = None
+        assert (got is None) == (want is None), (
+            f"{name}: peftjax {'refuses' if got is None else 'accepts'}"
+        )
+        assert (head is None) == (want is None), f"{name}: header-only check disagrees"
+        if want is not None:
+            accepted += 1
+            assert sorted(got) == sorted(want) == sorted(head), name
+            for k in want:
+                assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, (name, k)
+                np.testing.assert_array_equal(got[k], want[k])
+                assert head[k] == (want[k].shape, want[k].dtype), (name, k)
+        assert f.read_bytes() == blob
+    assert accepted == sum(n.startswith("valid") or n == "valid_deep_nesting" for n in corpus)
+    # files written by the reference with every dtype numpy has are read back equal
+    rng = np.random.default_rng(0)
+    arrays = {
+        d: (rng.normal(size=(3, 2)) * 10).astype(d)
+        for d in (
+            "float64",
+            "float32",
+            "float16",
+            "int64",
+            "int32",
+            "int16",
+            "int8",
+            "uint8",
+            "bool",
+        )
+    }
+    save_file(arrays, str(tmp_path / "all.safetensors"), metadata={"k": "v"})
+    got, meta = pio.read_safetensors(tmp_path / "all.safetensors")
+    assert meta == {"k": "v"}
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v)
+        assert got[k].dtype == v.dtype
+
+
+def test_header_only_reader_reads_no_data(tmp_path, monkeypatch):
+    """`read_safetensors_header` validates offsets against the file size, reading only the
+    header: a sparse 1 GiB data section is never read."""
+    n = 2**28
+    h = json.dumps({"a": {"dtype": "F32", "shape": [n], "data_offsets": [0, 4 * n]}}).encode()
+    f = tmp_path / "big.safetensors"
+    with open(f, "wb") as fh:
+        fh.write(struct.pack("<Q", len(h)) + h)
+        fh.truncate(8 + len(h) + 4 * n)
+    assert pio.read_safetensors_header(f) == {"a": ((n,), np.dtype(np.float32))}
+    with open(f, "r+b") as fh:
+        fh.truncate(8 + len(h) + 4 * n + 1)
+    with pytest.raises(pj.FormatError, match="trailing bytes"):
+        pio.read_safetensors_header(f)
