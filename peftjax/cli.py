@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+DESCRIPTION = (
+    "peftjax: parameter-efficient fine-tuning for JAX/Flax, compatible with HF PEFT files. "
+    "Commands: demo (fine-tune a small Llama-style model on shipped text), inspect (summarise "
+    "an HF PEFT adapter) and merge (fold an HF PEFT adapter into an HF safetensors checkpoint)."
+)
+
 
 def _demo(args) -> int:
     from .demo import run
@@ -21,27 +27,57 @@ def _demo(args) -> int:
     return 0 if ok else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="peftjax", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="fine-tune a small Llama-style model on shipped text")
-    d.add_argument("--method", default="lora", choices=["lora", "dora", "loha", "lokr", "ia3"])
-    d.add_argument("--rank", type=int, default=8)
-    d.add_argument("--steps", type=int, default=200)
-    d.add_argument("--lr", type=float, default=None)
-    d.add_argument("--seed", type=int, default=0)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``peftjax`` argument parser (every option has a help text)."""
+    parser = argparse.ArgumentParser(prog="peftjax", description=DESCRIPTION)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{demo,inspect,merge}",
+        help="the command to run (`peftjax <command> --help` for its options)",
+    )
+    d = sub.add_parser(
+        "demo",
+        help="fine-tune a small Llama-style model on shipped text",
+        description="Fine-tune a small, randomly initialised Llama-style Flax model on text "
+        "shipped with peftjax (no network), merge, check the merged outputs and save the "
+        "adapter in HF PEFT's format.",
+    )
+    d.add_argument(
+        "--method",
+        default="lora",
+        choices=["lora", "dora", "loha", "lokr", "ia3"],
+        help="adapter method (default: lora)",
+    )
+    d.add_argument(
+        "--rank", type=int, default=8, help="adapter rank for lora, dora, loha, lokr (not ia3)"
+    )
+    d.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    d.add_argument(
+        "--lr", type=float, default=None, help="Adam learning rate (default: 3e-2 ia3, else 4e-3)"
+    )
+    d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--out", default="peftjax-demo-adapter", help="where to save the adapter")
     d.add_argument("--no-save", action="store_true", help="do not save the adapter")
     d.set_defaults(func=_demo)
     from .cli_files import add_file_commands
-    from .errors import PeftJaxError
 
     add_file_commands(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    from .errors import PeftJaxError
+
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except PeftJaxError as e:
         print(f"peftjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # permission denied, disk full, ...: one line, no traceback
+        where = f": `{e.filename}`" if e.filename else ""
+        print(f"peftjax {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

@@ -204,8 +204,10 @@ def run(
     base = model.init(k_init, jnp.zeros((1, seq), jnp.int32))
     cfg = make_config(method, rank)
     params = pj.inject(base, cfg, key=k_adapter)
+    ranked = f" r={rank}" if method in ("lora", "dora", "loha", "lokr") else ""
     print_fn(
-        f"peftjax demo: {method} r={rank} on a {len(tok.chars)}-symbol Llama-style model, "
+        f"peftjax demo: {method}{ranked} on a {len(tok.chars)}-symbol Llama-style model "
+        "(random initial weights), "
         f"{len(data):,} characters of text, {steps} steps, batch {batch}x{seq}"
     )
     pj.print_trainable_parameters(params, print_fn=print_fn)
