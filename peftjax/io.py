@@ -43,7 +43,9 @@ to a temporary file in the same directory and moved into place, never half-writt
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -51,6 +53,7 @@ import re
 import stat
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -71,7 +74,14 @@ from .config import (
     LoraConfig,
     config_from_dict,
 )
-from .errors import AdapterNameError, ConfigError, FormatError, ShapeError, UnsupportedModuleError
+from .errors import (
+    AdapterNameError,
+    ConfigError,
+    FormatError,
+    PeftJaxError,
+    ShapeError,
+    UnsupportedModuleError,
+)
 from .layout import LayoutSpec, resolve_layout
 from .methods import CopySpec, IA3BiasSpec, IA3Spec, LoHaSpec, LoKrSpec, LoraSpec, Spec
 from .node import is_adapted
@@ -349,6 +359,11 @@ def write_safetensors_streaming(
     ``specs`` gives each tensor's shape and dtype, so the header is written first and no more
     than one produced tensor is held at a time. Atomic: a temp file renamed when complete.
     """
+    _atomic_write(Path(path), _safetensors_chunks(specs, produce, metadata))
+
+
+def _safetensors_chunks(specs, produce, metadata):
+    """The bytes of a safetensors file, in pieces (see `write_safetensors_streaming`)."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -368,22 +383,18 @@ def write_safetensors_streaming(
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-
-    def chunks():
-        yield struct.pack("<Q", len(head))
-        yield head
-        for key in keys:
-            a = np.asarray(produce(key))
-            shape, dtype = specs[key]
-            if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
-                raise FormatError(
-                    f"tensor `{key}`: expected {list(shape)} {np.dtype(dtype)}, got "
-                    f"{list(a.shape)} {a.dtype}."
-                )
-            a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
-            yield memoryview(a.reshape(-1).view(np.uint8))
-
-    _atomic_write(Path(path), chunks())
+    yield struct.pack("<Q", len(head))
+    yield head
+    for key in keys:
+        a = np.asarray(produce(key))
+        shape, dtype = specs[key]
+        if tuple(a.shape) != tuple(shape) or a.dtype != np.dtype(dtype):
+            raise FormatError(
+                f"tensor `{key}`: expected {list(shape)} {np.dtype(dtype)}, got "
+                f"{list(a.shape)} {a.dtype}."
+            )
+        a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+        yield memoryview(a.reshape(-1).view(np.uint8))
 
 
 def read_safetensors_header(
@@ -449,6 +460,226 @@ def _atomic_write(path: Path, chunks) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# ---------------------------------------------------------------------------------- adapter dirs
+#
+# Crash safety of `save_pretrained`. An adapter is two files that must change together, which
+# no single rename can do, so a save is journalled:
+#
+# 1. under an exclusive ``flock`` on the adapter directory, finish or undo any earlier
+#    interrupted save (`_recover`);
+# 2. write the new weights and config to temp files ``.peftjax-tmp-*`` in the directory, fsync;
+# 3. write the journal ``.peftjax-save.json`` (``{"renames": [[temp, final], ...]}``) to a temp
+#    file, fsync, and rename it into place: **the commit point**;
+# 4. rename each temp file over its final name, fsync the directory, delete the journal, fsync.
+#
+# Every peftjax reader and writer of the directory (`load_pretrained`, `read_adapter`,
+# `inspect_adapter`, `save_pretrained`) first recovers, under the same exclusive lock: a journal
+# means the save committed, so the renames whose temp file still exists are redone and the
+# journal deleted; peftjax temp files without a journal belong to a save that never committed
+# and are deleted. So a kill at any point leaves, as peftjax reads it, the complete old adapter or
+# the complete new one, and no temp files accumulate. Readers hold a shared lock while reading.
+#
+# Tears made by other tools (a config copied over from another adapter) are caught by a digest:
+# the weights' safetensors metadata holds ``peftjax.config_sha256``, the SHA-256 of the config's
+# math (its parsed fields minus bookkeeping such as ``base_model_name_or_path``); a loader refuses
+# a pair whose digest disagrees. PEFT ignores unknown metadata, so the files stay PEFT's.
+
+try:  # POSIX; elsewhere saves are journalled but not locked
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+JOURNAL_NAME = ".peftjax-save.json"
+DIGEST_KEY = "peftjax.config_sha256"
+_TMP_PREFIX = ".peftjax-tmp-"
+#: Config fields that do not change what an adapter computes (a digest ignores them).
+_BOOKKEEPING = frozenset(
+    {
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "peft_version",
+        "auto_mapping",
+    }
+)
+
+
+def _is_temp(name: str) -> bool:
+    """peftjax's own temp files in an adapter directory (this version's and the older
+    ``.<final name>.<random>.tmp`` of `_atomic_write`)."""
+    if name.startswith(_TMP_PREFIX):
+        return True
+    return name.endswith(".tmp") and name.startswith((f".{WEIGHTS_NAME}.", f".{CONFIG_NAME}."))
+
+
+@contextlib.contextmanager
+def _dir_lock(d: Path, exclusive: bool):
+    """An ``flock`` on the directory itself (no lock file is left behind); yields its fd."""
+    try:
+        fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise FormatError(f"cannot open adapter directory `{d}`: {e.strerror or e}.") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fsync_dir(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some file systems cannot fsync a directory
+        pass
+
+
+def _needs_recovery(d: Path) -> bool:
+    try:
+        return any(n == JOURNAL_NAME or _is_temp(n) for n in os.listdir(d))
+    except OSError:
+        return False
+
+
+def _journal_pairs(j: Path) -> list[tuple[str, str]]:
+    raw = _fs.read_regular_file(j, "save journal", max_bytes=1 << 16)
+    try:
+        pairs = json.loads(raw)["renames"]
+        out = []
+        for tmp, final in pairs:
+            _fs.check_plain_name(tmp, f"`{j}`")
+            if not tmp.startswith(_TMP_PREFIX) or final not in (WEIGHTS_NAME, CONFIG_NAME):
+                raise ValueError(f"unexpected rename {tmp!r} -> {final!r}")
+            out.append((tmp, final))
+        return out
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(
+            f"`{j}` is not a peftjax save journal ({e}); remove it if no save is running."
+        ) from None
+
+
+def _recover(d: Path, fd: int) -> None:
+    """Finish (journal present) or undo (temp files only) an interrupted save; needs the
+    exclusive lock."""
+    j = d / JOURNAL_NAME
+    changed = False
+    if os.path.lexists(j):
+        for tmp, final in _journal_pairs(j):
+            if os.path.lexists(d / tmp):
+                os.replace(d / tmp, d / final)
+        _fsync_dir(fd)
+        os.unlink(j)
+        changed = True
+    for n in os.listdir(d):
+        if _is_temp(n):
+            try:
+                os.unlink(d / n)
+                changed = True
+            except FileNotFoundError:
+                pass
+    if changed:
+        _fsync_dir(fd)
+
+
+def _write_temp(d: Path, final: str, chunks) -> str:
+    """Write ``chunks`` to a new peftjax temp file in ``d`` (fsynced); returns its name."""
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix="." + final, dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return os.path.basename(tmp)
+
+
+def _commit(d: Path, files: list[tuple[str, Any]]) -> None:
+    """Replace ``files`` (``[(final name, chunks)]``) in ``d`` as one journalled change."""
+    with _dir_lock(d, exclusive=True) as fd:
+        _recover(d, fd)
+        pairs: list[tuple[str, str]] = []
+        try:
+            for final, chunks in files:
+                pairs.append((_write_temp(d, final, chunks), final))
+            journal = json.dumps({"renames": pairs}).encode()
+            jtmp = _write_temp(d, "journal", [journal])
+        except BaseException:
+            for tmp, _ in pairs:
+                if os.path.lexists(d / tmp):
+                    os.unlink(d / tmp)
+            raise
+        os.replace(d / jtmp, d / JOURNAL_NAME)  # the commit point
+        _fsync_dir(fd)
+        for tmp, final in pairs:
+            os.replace(d / tmp, d / final)
+        _fsync_dir(fd)
+        os.unlink(d / JOURNAL_NAME)
+        _fsync_dir(fd)
+
+
+def config_digest(raw: Mapping[str, Any]) -> str:
+    """SHA-256 of what a parsed ``adapter_config.json`` makes an adapter compute (its fields
+    minus bookkeeping such as ``base_model_name_or_path``), as stored under `DIGEST_KEY`."""
+    d = config_from_dict(raw).to_dict()
+    core = {k: v for k, v in d.items() if k not in _BOOKKEEPING}
+    text = json.dumps(core, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class _Files:
+    """An adapter directory as read: the parsed config and the weights."""
+
+    dir: Path
+    raw: dict
+    config: AdapterConfig
+    tensors: dict[str, np.ndarray]
+    metadata: dict[str, str]
+
+
+def _read_dir(d: Path) -> _Files:
+    """Read an adapter directory safely: recover an interrupted peftjax save first, then read
+    the config and the weights under a shared lock, and check the weights' config digest."""
+    with _dir_lock(d, exclusive=False):
+        if not _needs_recovery(d):
+            return _read_files(d)
+    if not os.access(d, os.W_OK):
+        if os.path.lexists(d / JOURNAL_NAME):
+            raise FormatError(
+                f"`{d}` holds an interrupted peftjax save (`{JOURNAL_NAME}`) and is read-only, "
+                "so it cannot be completed; make it writable and load again."
+            )
+        with _dir_lock(d, exclusive=False):
+            return _read_files(d)
+    with _dir_lock(d, exclusive=True) as fd:
+        _recover(d, fd)
+        return _read_files(d)
+
+
+def _read_files(d: Path) -> _Files:
+    raw = _read_config_dict(d)
+    f = d / CONFIG_NAME
+    try:
+        config = config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"`{f}`: {e}") from None
+    tensors, meta = _read_weights(d)
+    want = meta.get(DIGEST_KEY)
+    if want is not None and want != config_digest(raw):
+        raise FormatError(
+            f"`{d / WEIGHTS_NAME}` was saved with a different `{CONFIG_NAME}` than `{f}` (its "
+            f"`{DIGEST_KEY}` metadata does not match): the two files come from different saves, "
+            "and loading them would give the wrong ranks or scaling. Save the adapter again, or "
+            "restore the matching config."
+        )
+    return _Files(d, raw, config, tensors, meta)
 
 
 # ---------------------------------------------------------------------------------- layout rules
@@ -692,7 +923,23 @@ class _Entry:
     spec: Spec
 
 
-def _collect(params, name: str, key_map: KeyMap, dtype) -> tuple[dict, list[_Entry], list]:
+#: PEFT's ``EMBEDDING_LAYER_NAMES``: modules ``save_embedding_layers=True`` writes.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _writes_base(spec: Spec, leaf, save_embedding_layers: bool | str) -> bool:
+    if save_embedding_layers is False or isinstance(spec, (CopySpec, IA3BiasSpec)):
+        return False
+    if spec.carries_base:
+        return True
+    return save_embedding_layers is True and (
+        spec.layout.kind == "embed" or leaf.module.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+    )
+
+
+def _collect(
+    params, name: str, key_map: KeyMap, dtype, save_embedding_layers: bool | str = "auto"
+) -> tuple[dict, list[_Entry], list]:
     """``(tensors, adapter entries, copy entries)`` of adapter ``name``, in PEFT form."""
     tensors: dict[str, np.ndarray] = {}
     owner: dict[str, str] = {}
@@ -709,12 +956,31 @@ def _collect(params, name: str, key_map: KeyMap, dtype) -> tuple[dict, list[_Ent
             value = value.astype(np.float32 if dtype is None else jnp.dtype(dtype))
         tensors[key] = np.ascontiguousarray(value)
 
-    for leaf in _walk(params)[0]:
+    all_leaves = _walk(params)[0]
+    by_module = _modules(all_leaves)
+    for leaf in all_leaves:
         node = leaf.value
         if not is_adapted(node) or name not in node.names:
             continue
         spec, arrays = node.spec(name), node.arrays[name]
         where = ".".join(leaf.names)
+        if _writes_base(spec, leaf, save_embedding_layers):
+            if spec.layout.stack:
+                raise FormatError(
+                    f"`{where}`: saving the base weights of a stacked module is not supported."
+                )
+            pm = _map(key_map, leaf.module, None)
+            for other in by_module[leaf.module]:
+                if other is not leaf and is_adapted(other.value):
+                    continue  # another adapted leaf of the module: written with its own flag
+                b = other.value.base if is_adapted(other.value) else other.value
+                b = np.asarray(b)
+                tname = _torch_name(other.name)
+                put(
+                    f"{PREFIX}{pm}.{_BASE_LAYER}.{tname}",
+                    _leaf_rule(other.name, b.shape).to_torch(b),
+                    where,
+                )
         if isinstance(spec, IA3BiasSpec):
             continue
         if isinstance(spec, CopySpec):
@@ -902,8 +1168,12 @@ def save_pretrained(
     key_map: KeyMap | None = None,
     dtype=None,
     config: AdapterConfig | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> Path:
     """Write adapter ``name`` in HF PEFT's format: safetensors weights + ``adapter_config.json``.
+
+    The two files are replaced together (a journalled commit, see the module docstring): after a
+    crash at any point, a peftjax loader finds the complete old adapter or the complete new one.
 
     Args:
       params: a tree carrying adapter ``name``.
@@ -916,14 +1186,23 @@ def save_pretrained(
       config: the config to write. Default: rebuilt from the adapter's specs (targets are the
         exact PEFT module paths; per-module ranks and alphas in ``rank_pattern`` /
         ``alpha_pattern``). A given config is checked against the adapter's ranks and scalings.
+      save_embedding_layers: PEFT's argument: ``"auto"`` writes the base weights of modules
+        whose adapter carries them (loaded from a PEFT file with ``<module>.base_layer.weight``
+        keys); ``True`` also writes them for every adapted embedding / ``embed_tokens`` /
+        ``lm_head`` module; ``False`` never writes base weights.
 
     Returns:
       The directory written.
     """
     if not isinstance(name, str) or not name:
         raise AdapterNameError(f"`name` must be a non-empty str, got {name!r}.")
+    _fs.check_plain_name(name, "`name` (the adapter's name, also its subdirectory)")
+    if save_embedding_layers not in (True, False, "auto"):
+        raise ConfigError(
+            f"`save_embedding_layers`={save_embedding_layers!r}: use True, False or 'auto'."
+        )
     key_map = key_map or stacked_key_map()
-    tensors, entries, copies = _collect(params, name, key_map, dtype)
+    tensors, entries, copies = _collect(params, name, key_map, dtype, save_embedding_layers)
     if not tensors:
         names = sorted({n for l in _walk(params)[0] if is_adapted(l.value) for n in l.value.names})
         raise AdapterNameError(
@@ -936,12 +1215,25 @@ def save_pretrained(
     else:
         _check_config(config, entries)
     out = Path(path) if name == "default" else Path(path) / name
-    out.mkdir(parents=True, exist_ok=True)
     d = config.to_dict()
     d["inference_mode"] = True  # as PEFT's save_pretrained
     text = json.dumps(d, indent=2, sort_keys=True)
-    write_safetensors(out / WEIGHTS_NAME, tensors, {"format": "pt"})
-    _atomic_write(out / CONFIG_NAME, [text.encode()])
+    meta = {"format": "pt", DIGEST_KEY: config_digest(json.loads(text))}
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    specs = {k: (a.shape, a.dtype) for k, a in arrays.items()}
+    if os.path.lexists(out) and not out.is_dir():
+        raise FormatError(f"`{out}` exists and is not a directory; cannot save an adapter there.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FormatError(f"cannot create adapter directory `{out}`: {e.strerror or e}.") from None
+    _commit(
+        out,
+        [
+            (WEIGHTS_NAME, _safetensors_chunks(specs, arrays.__getitem__, meta)),
+            (CONFIG_NAME, [text.encode()]),
+        ],
+    )
     return out
 
 
@@ -949,6 +1241,7 @@ def save_pretrained(
 
 
 def _adapter_dir(path: str | os.PathLike, name: str = "default") -> Path:
+    _fs.check_plain_name(name, "`name` (the adapter's name, also its subdirectory)")
     p = Path(path)
     if p.is_file() and p.name in (WEIGHTS_NAME, CONFIG_NAME):
         p = p.parent
@@ -956,18 +1249,23 @@ def _adapter_dir(path: str | os.PathLike, name: str = "default") -> Path:
         raise FormatError(f"adapter directory `{p}` does not exist.")
     if not p.is_dir():
         raise FormatError(f"`{p}` is not a directory; point at a PEFT adapter directory.")
-    if not (p / CONFIG_NAME).exists() and name != "default" and (p / name / CONFIG_NAME).exists():
+    if (
+        not os.path.lexists(p / CONFIG_NAME)
+        and name != "default"
+        and os.path.lexists(p / name / CONFIG_NAME)
+    ):
         p = p / name
     return p
 
 
 def _read_config_dict(d: Path) -> dict:
     f = d / CONFIG_NAME
-    if not f.exists():
+    if not os.path.lexists(f):
         raise FormatError(f"`{d}` has no `{CONFIG_NAME}`; is it an HF PEFT adapter directory?")
+    data = _fs.read_regular_file(f, "adapter config", max_bytes=_fs.MAX_JSON_BYTES)
     try:
-        cfg = json.loads(f.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        cfg = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"`{f}` is not valid JSON: {e}.") from None
     if not isinstance(cfg, dict):
         raise FormatError(f"`{f}` does not hold a JSON object.")
@@ -979,10 +1277,10 @@ def _read_config_dict(d: Path) -> dict:
     return cfg
 
 
-def _read_weights(d: Path) -> dict[str, np.ndarray]:
+def _read_weights(d: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     f = d / WEIGHTS_NAME
-    if not f.exists():
-        pickles = [n for n in PICKLE_NAMES if (d / n).exists()]
+    if not os.path.lexists(f):
+        pickles = [n for n in PICKLE_NAMES if os.path.lexists(d / n)]
         if pickles:
             raise FormatError(
                 f"`{d}` holds `{pickles[0]}` but no `{WEIGHTS_NAME}`: peftjax never loads pickle "
@@ -992,33 +1290,68 @@ def _read_weights(d: Path) -> dict[str, np.ndarray]:
                 "metadata={'format': 'pt'})\"` to safetensors."
             )
         raise FormatError(f"`{d}` has no `{WEIGHTS_NAME}`.")
-    tensors, _ = read_safetensors(f)
-    return tensors
+    return read_safetensors(f)
+
+
+def _check_float(files: _Files) -> None:
+    """Adapter files hold floating-point weights only (an integer tensor would be cast)."""
+    for k, v in sorted(files.tensors.items()):
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise FormatError(
+                f"`{files.dir / WEIGHTS_NAME}`: tensor `{k}` has dtype {v.dtype}; adapter "
+                "weights must be floating point."
+            )
 
 
 def read_adapter(
     path: str | os.PathLike, name: str = "default"
 ) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
     """``(config, tensors)`` of a PEFT adapter directory, tensors as stored (torch layout, full
-    PEFT keys). Raises `FormatError` for unreadable files or an unknown ``peft_type`` and
-    `ConfigError` for config fields peftjax does not support."""
-    d = _adapter_dir(path, name)
-    cfg = config_from_dict(_read_config_dict(d))
-    return cfg, _read_weights(d)
+    PEFT keys). Raises `FormatError` for unreadable or non-float files, an unknown
+    ``peft_type`` or a config that does not match the weights, and `ConfigError` for config
+    fields peftjax does not support."""
+    files = _read_dir(_adapter_dir(path, name))
+    _check_float(files)
+    return files.config, files.tensors
+
+
+def embedding_base_keys(tensors: Mapping[str, Any], peft_type: str) -> dict[str, str]:
+    """The base-layer weights an adapter carries (PEFT's ``save_embedding_layers``), as
+    ``{model checkpoint key: adapter key}``: ``base_model.model.model.embed_tokens.base_layer.
+    weight`` is ``{"model.embed_tokens.weight": "base_model.model.model.embed_tokens.base_layer.
+    weight"}``. A merge must use these instead of the model checkpoint's own weights.
+
+    >>> embedding_base_keys({"base_model.model.lm_head.base_layer.weight": None}, "LORA")
+    {'lm_head.weight': 'base_model.model.lm_head.base_layer.weight'}
+    """
+    out = {}
+    for k in sorted(tensors):
+        kind, mod, param = _split_key(k, str(peft_type).upper())
+        if kind == "base":
+            out[f"{mod}.{param}"] = k
+    return out
 
 
 def inspect_adapter(path: str | os.PathLike, name: str = "default") -> dict[str, Any]:
-    """A summary of a PEFT adapter directory (for the CLI): method, targets, ranks, sizes."""
-    d = _adapter_dir(path, name)
-    raw = _read_config_dict(d)
-    config = config_from_dict(raw)
-    tensors = _read_weights(d)
+    """A summary of a PEFT adapter directory (for the CLI): method, targets, ranks, sizes.
+
+    ``embedding_layers``: modules whose base weights the adapter carries (PEFT's
+    ``save_embedding_layers``, see `embedding_base_keys`); ``modules_to_save``: whole-module
+    copies."""
+    files = _read_dir(_adapter_dir(path, name))
+    d, raw, config, tensors = files.dir, files.raw, files.config, files.tensors
     pt = raw["peft_type"].upper()
     targets: set[str] = set()
     saved: set[str] = set()
+    embedding: set[str] = set()
     for k in tensors:
         kind, mod, _ = _split_key(k, pt)
-        (targets if kind in ("adapter", "ln") else saved).add(mod)
+        if kind in ("adapter", "ln"):
+            targets.add(mod)
+        elif kind == "base":
+            embedding.add(mod)
+        else:
+            saved.add(mod)
     method = config.method
     if isinstance(config, LoraConfig) and config.use_dora:
         method = "dora"
@@ -1032,11 +1365,12 @@ def inspect_adapter(path: str | os.PathLike, name: str = "default") -> dict[str,
         "method": method,
         "targets": sorted(targets),
         "modules_to_save": sorted(saved),
+        "embedding_layers": sorted(embedding),
         "ranks": ranks,
         "n_tensors": len(tensors),
         "n_params": int(sum(v.size for v in tensors.values())),
         "dtype": ",".join(dtypes),
-        "file_size": (d / WEIGHTS_NAME).stat().st_size,
+        "file_size": os.stat(d / WEIGHTS_NAME).st_size,
         "config": config.to_dict(),
     }
 
@@ -1063,6 +1397,75 @@ def _reverse_map(params, key_map: KeyMap, layouts: LayoutSpec) -> dict[str, tupl
             except FormatError:
                 break
     return out
+
+
+def _check_targets_present(d: Path, config, params, key_map, layouts, present: set[str]):
+    """``strict``: every module of ``params`` that the file's config targets (PEFT's matching
+    on the PEFT module paths, as `inject` would select) must have weights in the file."""
+    if config.target_modules is None:
+        return
+    leaves, _ = _walk(params)
+    items: list[tuple[str, str, int]] = []  # (PEFT path, weight leaf name, matrix ndim)
+    where: dict[str, str] = {}
+    for mod, group in _modules(leaves).items():
+        w = _weight_leaf(group)
+        if w is None and config.method != "ln_tuning":
+            continue
+        n, ndim = 0, len(getattr(w.base, "shape", ())) if w is not None else 0
+        if w is not None:
+            try:
+                lay = resolve_layout(layouts, mod, w.name, w.base)
+                if lay.stack:
+                    n = math.prod(lay.stack_shape(tuple(w.base.shape)))
+                    ndim -= lay.stack
+            except UnsupportedModuleError:
+                pass
+        for i in range(n) if n else [None]:
+            try:
+                pm = _map(key_map, mod, i)
+            except FormatError:
+                break
+            items.append((pm, w.name if w is not None else "", ndim))
+            where[pm] = mod if i is None else f"{mod} [layer {i}]"
+    keys = [pm for pm, _, _ in items if pm]
+    if not keys:
+        return
+    targets = config.target_modules
+    linear = None
+    if P.is_all_linear(targets):
+        linear = P.select_all_linear(items, task_type=config.task_type)
+    mts = config.modules_to_save
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save = P.select_modules_to_save(keys, mts) if mts else []
+            chosen = P.select_modules(
+                keys,
+                target_modules=targets,
+                exclude_modules=config.exclude_modules,
+                modules_to_save=save,
+                linear_modules=linear,
+                forbid_with_str_target=False,
+            )
+    except PeftJaxError:
+        return  # the config targets nothing here: the file's keys decide (checked elsewhere)
+    ltt = getattr(config, "layers_to_transform", None)
+    if ltt is not None and not isinstance(targets, str):
+        eff = set(linear) if linear is not None else targets
+        chosen = [
+            k
+            for k in chosen
+            if P.matches_target(
+                k, eff, layers_to_transform=ltt, layers_pattern=config.layers_pattern
+            )
+        ]
+    lacking = [where[k] for k in chosen if k not in present]
+    if lacking:
+        raise FormatError(
+            f"`{d / WEIGHTS_NAME}` has no weights for {len(lacking)} module(s) that "
+            f"`{d / CONFIG_NAME}` targets in `params`: {lacking[:20]}; pass `strict=False` to "
+            "load the others (or `key_map=` if the model names them differently)."
+        )
 
 
 def _is_ff(peft_path: str, ff) -> bool:
@@ -1121,15 +1524,16 @@ def load_pretrained(
     """
     key_map = key_map or stacked_key_map()
     d = _adapter_dir(path, name)
-    raw = _read_config_dict(d)
-    config = config_from_dict(raw)
+    files = _read_dir(d)
+    _check_float(files)
+    d, config, tensors = files.dir, files.config, files.tensors
     pt = config.peft_type
-    tensors = _read_weights(d)
     rev = _reverse_map(params, key_map, layouts)
 
     adapter: dict[str, dict[int | None, dict[str, str]]] = {}  # module -> layer -> suffix -> key
     leaf_keys: dict[tuple[str, str, str], str] = {}  # (kind, module, torch param) -> key
     peft_of: dict[tuple[str, int | None], str] = {}
+    present: set[str] = set()  # PEFT module paths the file has adapter weights for
     unmatched = []
     for k in sorted(tensors):
         kind, pm, suffix = _split_key(k, pt)
@@ -1138,6 +1542,8 @@ def load_pretrained(
             unmatched.append(k)
             continue
         mod, layer = hit
+        if kind in ("adapter", "ln"):
+            present.add(pm)
         if kind == "adapter":
             adapter.setdefault(mod, {}).setdefault(layer, {})[suffix] = k
             peft_of[(mod, layer)] = pm
@@ -1156,6 +1562,8 @@ def load_pretrained(
         )
     if not adapter:
         raise FormatError(f"`{d / WEIGHTS_NAME}` holds no {pt} adapter weights.")
+    if strict:
+        _check_targets_present(d, config, params, key_map, layouts, present)
 
     # The config to inject: the file's, narrowed to exactly the modules present.
     kw: dict[str, Any] = dict(target_modules=f"(?:{_exact(adapter)})", exclude_modules=None)
@@ -1255,7 +1663,16 @@ def load_pretrained(
             base = node.base if is_adapted(node) else node
             rule = _leaf_rule(leaf.name, tuple(base.shape))
             val = jnp.asarray(_from_file(k, tensors[k], rule, tuple(base.shape)), base.dtype)
-            node = node.replace(base=val) if is_adapted(node) else val
+            if is_adapted(node):
+                node = node.replace(base=val)
+                if name in node.names and not node.spec(name).carries_base:
+                    # remember that this adapter brings the base weights (save_pretrained)
+                    carried = dataclasses.replace(node.spec(name), carries_base=True)
+                    node = node.replace(
+                        specs=tuple((n, carried if n == name else s) for n, s in node.specs)
+                    )
+            else:
+                node = val
             used.add(k)
         out.append(node)
     if strict and missing:

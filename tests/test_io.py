@@ -239,7 +239,11 @@ def test_peft_fixture_saves_back_bit_for_bit(case, tmp_path):
     assert sorted(os.listdir(out)) == [pio.CONFIG_NAME, pio.WEIGHTS_NAME]  # no temp files left
     want, _ = pio.read_safetensors(FIX / case / pio.WEIGHTS_NAME)
     got, meta = pio.read_safetensors(out / pio.WEIGHTS_NAME)
-    assert meta == {"format": "pt"}
+    # PEFT's metadata plus the digest of the config (PEFT ignores unknown metadata)
+    assert meta == {
+        "format": "pt",
+        pio.DIGEST_KEY: pio.config_digest(json.loads((out / pio.CONFIG_NAME).read_text())),
+    }
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == np.float32 and got[k].shape == want[k].shape, k
@@ -423,7 +427,10 @@ def test_stacked_layers_load_and_save_per_layer_keys(tmp_path):
     # a file with layer 0 only: layer 1 is switched off, and saved back without it
     d = copy_case(case, tmp_path)
     rewrite_weights(d, lambda t: [t.pop(k) for k in list(t) if ".layers.1." in k])
-    part = pio.load_pretrained(stacked, d, layouts=STACKED)
+    # the config still targets layer 1: strict loading names what the file lacks
+    with pytest.raises(pj.FormatError, match=r"q_proj \[layer 1\]"):
+        pio.load_pretrained(stacked, d, layouts=STACKED)
+    part = pio.load_pretrained(stacked, d, layouts=STACKED, strict=False)
     q = adapter_arrays(part)["['model']['layers']['self_attn']['q_proj']['kernel']"][0]
     assert q.scaling == (2.0, 0.0)
     m = pj.merge_and_unload(part)["model"]["layers"]["self_attn"]["q_proj"]["kernel"]

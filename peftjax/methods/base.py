@@ -38,11 +38,15 @@ class Spec:
       shape: the base weight's shape.
       scaling: one scaling factor per stacked layer (a 1-tuple when not stacked); ``0`` turns a
         layer off (``layers_to_transform``).
+      carries_base: the adapter brings the module's base weights with it (HF PEFT's
+        ``save_embedding_layers``: an adapter file with ``<module>.base_layer.weight`` keys, made
+        when a targeted embedding / ``lm_head`` was resized); `save_pretrained` writes them back.
     """
 
     layout: Layout
     shape: tuple[int, ...]
     scaling: tuple[float, ...]
+    carries_base: bool = dataclasses.field(default=False, kw_only=True)
 
     method: ClassVar[str] = "?"
     #: the forward rule reads the base output ``y`` and so must come first in a chain
