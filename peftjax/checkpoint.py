@@ -22,6 +22,7 @@ adapter item is a plain nested dict: Orbax never sees the `Adapted` node class o
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -188,7 +189,7 @@ class AdapterCheckpointer:
     """
 
     def __init__(self, directory, *, max_to_keep: int | None = None, save_interval_steps: int = 1):
-        self._directory = epath.Path(directory)
+        self._directory = _absolute(directory)
         self._options = dict(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps)
         self._created = self._directory.is_dir()
         self._manager = self._make_manager(create=self._created)
@@ -510,6 +511,15 @@ class AdapterCheckpointer:
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+def _absolute(directory) -> epath.Path:
+    """The checkpoint directory as an absolute path: Orbax needs one, and a relative path is
+    taken relative to the current directory at construction (``runs/ckpt`` works as written)."""
+    text = os.fspath(directory) if not isinstance(directory, epath.Path) else str(directory)
+    if "://" in text:  # gs://, s3://, ...: already absolute
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
 
 
 def _dtype(x):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, Literal, TypeVar
@@ -185,6 +186,21 @@ def _module_names(name: str, v: Any, *, empty_ok: bool) -> str | tuple[str, ...]
     return names
 
 
+def _check_regex(name: str, pattern: str, wrapped: str | None = None) -> None:
+    """``pattern`` must compile as the regex PEFT builds from it (``wrapped`` with ``{}`` for
+    the pattern, e.g. a ``rank_pattern`` key is used in ``(.*\\.)?({})$``)."""
+    try:
+        re.compile(pattern if wrapped is None else wrapped.replace("{}", pattern))
+    except (re.error, RecursionError, OverflowError) as err:
+        raise _fail(name, pattern, f"not a valid regex: {err}.") from None
+
+
+def _regex_field(name: str, v: Any) -> Any:
+    if isinstance(v, str) and v != "all-linear":
+        _check_regex(name, v)
+    return v
+
+
 def _modules_to_save(v: Any) -> tuple[str, ...] | None:
     if v is None:
         return None
@@ -208,8 +224,12 @@ def _layers_to_transform(v: Any) -> int | tuple[int, ...] | None:
 
 def _layers_pattern(v: Any) -> str | tuple[str, ...] | None:
     if v is None or isinstance(v, str):
-        return v or None
-    return _str_seq("layers_pattern", v) or None
+        out = v or None
+    else:
+        out = _str_seq("layers_pattern", v) or None
+    for p in (out,) if isinstance(out, str) else out or ():
+        _check_regex("layers_pattern", p, r"(?:^|.*?\.){}\.(\d+)\.")
+    return out
 
 
 def _pattern(name: str, v: Any, check: Any) -> FrozenDict:
@@ -220,6 +240,7 @@ def _pattern(name: str, v: Any, check: Any) -> FrozenDict:
     for key, val in v.items():
         if not isinstance(key, str) or not key:
             raise _fail(name, v, f"key {key!r} must be a non-empty string.")
+        _check_regex(f"{name} key", key, r"(.*\.)?({})$")
         check(f"{name}[{key!r}]", val)
     return v if isinstance(v, FrozenDict) else FrozenDict(v)
 
@@ -274,12 +295,23 @@ class AdapterConfig:
         _check_opt_str("revision", self.revision)
         _check_bool("inference_mode", self.inference_mode)
         self._set(
-            "target_modules", _module_names("target_modules", self.target_modules, empty_ok=False)
+            "target_modules",
+            _regex_field(
+                "target_modules",
+                _module_names("target_modules", self.target_modules, empty_ok=False),
+            ),
         )
         self._set(
-            "exclude_modules", _module_names("exclude_modules", self.exclude_modules, empty_ok=True)
+            "exclude_modules",
+            _regex_field(
+                "exclude_modules",
+                _module_names("exclude_modules", self.exclude_modules, empty_ok=True),
+            ),
         )
         self._set("modules_to_save", _modules_to_save(self.modules_to_save))
+        for m in self.modules_to_save or ():
+            # PEFT matches each entry as a regex inside `(^|.*\.){m}($|\..*)`
+            _check_regex("modules_to_save", m, r"(^|.*\.){}($|\..*)")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -579,7 +611,10 @@ class IA3Config(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ff = _module_names("feedforward_modules", self.feedforward_modules, empty_ok=True)
+        ff = _regex_field(
+            "feedforward_modules",
+            _module_names("feedforward_modules", self.feedforward_modules, empty_ok=True),
+        )
         self._set("feedforward_modules", ff)
         _check_bool("fan_in_fan_out", self.fan_in_fan_out)
         _check_bool("init_ia3_weights", self.init_ia3_weights)
