@@ -68,6 +68,11 @@ _COPY_CHUNK = 1 << 20
 def _check_out(out: Path, base: Path) -> None:
     """Refuse an unusable ``--out`` before any work: a symlink (dangling or not), a file, a
     non-empty directory, ``--base`` itself or a path inside it."""
+    real_out, real_base = Path(os.path.realpath(out)), Path(os.path.realpath(base))
+    if real_out == real_base or real_base in real_out.parents:
+        raise FormatError(
+            f"`--out {out}` is `--base {base}` or inside it; write the merged checkpoint elsewhere."
+        )
     if os.path.islink(out):
         state = "a dangling symlink" if not os.path.exists(out) else "a symlink"
         raise FormatError(
@@ -83,11 +88,6 @@ def _check_out(out: Path, base: Path) -> None:
             raise FormatError(f"`--out {out}`: cannot list it: {e.strerror or e}.") from None
         if nonempty:
             raise FormatError(f"`--out {out}` exists and is not empty; choose a new directory.")
-    real_out, real_base = Path(os.path.realpath(out)), Path(os.path.realpath(base))
-    if real_out == real_base or real_base in real_out.parents:
-        raise FormatError(
-            f"`--out {out}` is `--base {base}` or inside it; write the merged checkpoint elsewhere."
-        )
 
 
 def _json_file(path: Path, what: str, roots) -> tuple[bytes, object]:

@@ -181,6 +181,19 @@ def make_config(method: str, rank: int):
     raise SystemExit(f"unknown --method {method!r}: choose lora, dora, loha, lokr or ia3")
 
 
+#: The methods with a rank (``--rank``); IA3 has none.
+RANKED_METHODS = ("lora", "dora", "loha", "lokr")
+
+
+def headline(method: str, rank: int, vocab: int, chars: int, steps: int, batch: int, seq: int):
+    """The demo's first line; the rank only for methods that have one."""
+    ranked = f" r={rank}" if method in RANKED_METHODS else ""
+    return (
+        f"peftjax demo: {method}{ranked} on a {vocab}-symbol Llama-style model (random initial "
+        f"weights), {chars:,} characters of text, {steps} steps, batch {batch}x{seq}"
+    )
+
+
 def run(
     method: str = "lora",
     rank: int = 8,
@@ -204,12 +217,7 @@ def run(
     base = model.init(k_init, jnp.zeros((1, seq), jnp.int32))
     cfg = make_config(method, rank)
     params = pj.inject(base, cfg, key=k_adapter)
-    ranked = f" r={rank}" if method in ("lora", "dora", "loha", "lokr") else ""
-    print_fn(
-        f"peftjax demo: {method}{ranked} on a {len(tok.chars)}-symbol Llama-style model "
-        "(random initial weights), "
-        f"{len(data):,} characters of text, {steps} steps, batch {batch}x{seq}"
-    )
+    print_fn(headline(method, rank, len(tok.chars), len(data), steps, batch, seq))
     pj.print_trainable_parameters(params, print_fn=print_fn)
 
     lr = lr if lr is not None else (3e-2 if method == "ia3" else 4e-3)
