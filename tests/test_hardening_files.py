@@ -261,3 +261,248 @@ def test_header_only_reader_reads_no_data(tmp_path, monkeypatch):
         fh.truncate(8 + len(h) + 4 * n + 1)
     with pytest.raises(pj.FormatError, match="trailing bytes"):
         pio.read_safetensors_header(f)
+
+
+# ---------------------------------------------------------------------------------- shared
+
+
+def adapter_tree(r=2, alpha=4, seed=0):
+    """A LoRA adapter on `mlp_params(0)` with random (seeded) values in every array."""
+    cfg = pj.LoraConfig(r=r, lora_alpha=alpha, target_modules=["fc1", "fc2"])
+    p = pj.inject(mlp_params(0), cfg, key=jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+
+    def node(x):
+        if not isinstance(x, pj.Adapted):
+            return x
+        arrs = {
+            k: jnp.asarray(rng.normal(size=v.shape), v.dtype)
+            for k, v in x.arrays["default"].items()
+        }
+        return x.replace(arrays={**x.arrays, "default": arrs})
+
+    return jax.tree_util.tree_map(node, p, is_leaf=pj.Adapted.__instancecheck__)
+
+
+def adapter_state(tree, name="default"):
+    """``{leaf path: (r, scaling, {array: numpy})}`` of adapter ``name``."""
+    out = {}
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=pj.Adapted.__instancecheck__)
+    for kp, x in flat:
+        if isinstance(x, pj.Adapted) and name in x.names:
+            s = x.spec(name)
+            arrs = {k: np.asarray(v) for k, v in x.arrays[name].items()}
+            out[jax.tree_util.keystr(kp)] = (s.r, s.scaling, arrs)
+    return out
+
+
+def same_state(a, b) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        (r1, s1, x1), (r2, s2, x2) = a[k], b[k]
+        if r1 != r2 or s1 != s2 or x1.keys() != x2.keys():
+            return False
+        if not all(np.array_equal(x1[n], x2[n]) for n in x1):
+            return False
+    return True
+
+
+def rewrite_header(f: Path, edit) -> None:
+    """Re-write a safetensors file with ``edit(header dict)`` applied (data bytes kept)."""
+    blob = f.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + n])
+    edit(header)
+    h = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(h)) + h + blob[8 + n :])
+
+
+def _meta_list(h):
+    h["__metadata__"] = ["format", "pt"]
+
+
+def _as_int32(h):
+    h[pio.PREFIX + "fc1.lora_A.weight"]["dtype"] = "I32"
+
+
+def _config_edit(**kw):
+    def edit(d: Path):
+        cfg = json.loads((d / pio.CONFIG_NAME).read_text())
+        cfg.update(kw)
+        (d / pio.CONFIG_NAME).write_text(json.dumps(cfg))
+
+    return edit
+
+
+BAD_FILES = [
+    # (case, edit of the copied adapter dir, error, pattern the message must contain)
+    (
+        "lora_linear",
+        lambda d: rewrite_header(d / pio.WEIGHTS_NAME, _meta_list),
+        pj.FormatError,
+        r"adapter_model\.safetensors.*__metadata__",
+    ),
+    (
+        "lora_linear",
+        lambda d: rewrite_header(d / pio.WEIGHTS_NAME, _as_int32),
+        pj.FormatError,
+        r"adapter_model\.safetensors.*fc1\.lora_A\.weight.*int32",
+    ),
+    (
+        "lora_linear",
+        _config_edit(target_modules="(fc1|fc2"),
+        pj.ConfigError,
+        r"adapter_config\.json.*target_modules",
+    ),
+    (
+        "lora_linear",
+        _config_edit(rank_pattern={"fc[1": 2}),
+        pj.ConfigError,
+        r"adapter_config\.json.*rank_pattern",
+    ),
+    (
+        "ia3_mlp",
+        _config_edit(target_modules="fc1|fc2", feedforward_modules="(fc2"),
+        pj.ConfigError,
+        r"adapter_config\.json.*feedforward_modules",
+    ),
+    (
+        "lora_linear",
+        _config_edit(exclude_modules="fc3["),
+        pj.ConfigError,
+        r"adapter_config\.json.*exclude_modules",
+    ),
+]
+
+
+@pytest.mark.parametrize("case, edit, error, match", BAD_FILES)
+def test_bad_files_raise_named_errors_and_touch_nothing(tmp_path, case, edit, error, match):
+    d = copy_fixture(case, tmp_path)
+    edit(d)
+    params = base_of(case)
+    snap, before = tree_snapshot(params), dir_bytes(d)
+    with pytest.raises(error, match=match):
+        pio.load_pretrained(params, d)
+    with pytest.raises(error, match=match):
+        pio.read_adapter(d)
+    if error is not pj.FormatError or "int32" not in match:  # inspect reports dtypes
+        with pytest.raises(error, match=match):
+            pio.inspect_adapter(d)
+    assert_tree_unchanged(params, snap)
+    assert dir_bytes(d) == before
+
+
+def test_invalid_regex_in_every_pattern_field_is_a_config_error():
+    for field, kw in [
+        ("target_modules", dict(target_modules="(a")),
+        ("exclude_modules", dict(target_modules=["a"], exclude_modules="[b")),
+        ("modules_to_save", dict(target_modules=["a"], modules_to_save=["(h"])),
+        ("layers_pattern", dict(target_modules=["a"], layers_to_transform=[0], layers_pattern="(")),
+        ("rank_pattern", dict(target_modules=["a"], rank_pattern={"a)": 2})),
+        ("alpha_pattern", dict(target_modules=["a"], alpha_pattern={"*a": 2})),
+    ]:
+        with pytest.raises(pj.ConfigError, match=field):
+            pj.LoraConfig.from_dict({"peft_type": "LORA", **kw})
+        with pytest.raises(pj.ConfigError, match=field):
+            pj.LoHaConfig(**kw)
+    with pytest.raises(pj.ConfigError, match="feedforward_modules"):
+        pj.IA3Config(target_modules="a|b", feedforward_modules="(b")
+
+
+# ---------------------------------------------------------------------------------- 3. file types
+
+
+def _hub_layout(tmp_path: Path) -> Path:
+    """An HF hub cache snapshot: both files are links into the repo's ``blobs/``."""
+    repo = tmp_path / "models--x--y"
+    snap = repo / "snapshots" / "rev"
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in (pio.WEIGHTS_NAME, pio.CONFIG_NAME):
+        data = (FIX / "lora_linear" / f).read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snap / f).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    return snap
+
+
+def _call_bounded(fn, seconds=20.0):
+    """``fn()``'s exception (or None), failing the test if it does not return in time."""
+    box: list = []
+
+    def run():
+        try:
+            fn()
+            box.append(None)
+        except BaseException as e:  # noqa: BLE001
+            box.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert box, f"still running after {seconds} s (blocked on a special file?)"
+    return box[0]
+
+
+@pytest.mark.parametrize("which", [pio.WEIGHTS_NAME, pio.CONFIG_NAME])
+def test_special_files_and_links_out_are_refused(tmp_path, which):
+    params = base_of("lora_linear")
+    snap = tree_snapshot(params)
+    outside = tmp_path / "elsewhere.bin"
+    outside.write_bytes((FIX / "lora_linear" / which).read_bytes())
+    for kind in ("dev_zero", "fifo", "outside", "dangling"):
+        d = copy_fixture("lora_linear", tmp_path / kind)
+        (d / which).unlink()
+        if kind == "dev_zero":
+            (d / which).symlink_to("/dev/zero")
+        elif kind == "fifo":
+            os.mkfifo(d / which)
+        elif kind == "outside":
+            (d / which).symlink_to(outside)
+        else:
+            (d / which).symlink_to(d / "nope")
+        before = dir_bytes(d)
+        for call in (
+            lambda d=d: pio.load_pretrained(params, d),
+            lambda d=d: pio.read_adapter(d),
+            lambda d=d: pio.inspect_adapter(d),
+        ):
+            err = _call_bounded(call)
+            assert isinstance(err, pj.FormatError), (kind, err)
+            assert which in str(err), (kind, str(err))
+        assert dir_bytes(d) == before
+    assert_tree_unchanged(params, snap)
+
+
+def test_links_inside_the_directory_and_hub_snapshots_load(tmp_path):
+    params = base_of("lora_linear")
+    want = adapter_state(pio.load_pretrained(params, FIX / "lora_linear"))
+    d = copy_fixture("lora_linear", tmp_path)
+    (d / pio.WEIGHTS_NAME).rename(d / "real.safetensors")
+    (d / pio.WEIGHTS_NAME).symlink_to("real.safetensors")
+    assert same_state(adapter_state(pio.load_pretrained(params, d)), want)
+    snap = _hub_layout(tmp_path)
+    assert same_state(adapter_state(pio.load_pretrained(params, snap)), want)
+    assert pio.inspect_adapter(snap)["targets"] == ["fc1", "fc2"]
+    assert pio.read_adapter(snap)[0].r == 4
+
+
+# ---------------------------------------------------------------------------------- 4. names
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "/abs/x", ".", "..", ""])
+def test_adapter_names_must_be_plain(tmp_path, bad):
+    tree = adapter_tree()
+    snap = tree_snapshot(tree)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises((pj.FormatError, pj.AdapterNameError), match="name"):
+        pio.save_pretrained(tree, out, name=bad)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    assert not Path("/abs").exists() or bad != "/abs/x"
+    if bad:
+        with pytest.raises(pj.FormatError, match="name"):
+            pio.load_pretrained(mlp_params(0), out, name=bad)
+    assert_tree_unchanged(tree, snap)
