@@ -36,3 +36,23 @@ class UnsupportedModuleError(PeftJaxError, TypeError):
 
 class FormatError(PeftJaxError, ValueError):
     """An adapter file or directory is malformed, truncated or of an unsupported kind."""
+
+
+class ArgumentTypeError(PeftJaxError, TypeError):
+    """An argument has the wrong type (the message names the argument)."""
+
+
+class AdapterNameTypeError(AdapterNameError, ArgumentTypeError):
+    """An adapter name (or list of names) is not a str (a `AdapterNameError` and a `TypeError`)."""
+
+
+class AdaptedArrayError(PeftJaxError, TypeError):
+    """An adapter-carrying weight was used as a plain array (outside `pj.apply`)."""
+
+
+class PartitionError(PeftJaxError, ValueError):
+    """The ``trainable`` and ``frozen`` trees given to `pj.combine` do not fit together."""
+
+
+class LayoutError(PeftJaxError, ValueError):
+    """A weight's layout (how `inject` read it) disagrees with how the model uses it."""

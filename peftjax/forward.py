@@ -21,6 +21,11 @@ How it works (a small jaxpr interpreter, public JAX API only: ``jax.make_jaxpr``
    ``while``/``cond``, a returned weight...) gets the effective weight ``W + dW`` built at that
    point: slower but never silently wrong.
 
+A dense weight that the function contracts only over the axes its layout calls *outputs* (an
+``(out, in)`` kernel used as ``x @ W.T``, injected without ``Layout(transposed=True)``) has
+adapters of the wrong orientation: `apply` raises `LayoutError` naming the module rather than
+guess (a square kernel would otherwise run, and save, silently wrong).
+
 Dropout (``lora_dropout``, LoHa/LoKr ``rank_dropout``/``module_dropout``) runs when ``rng`` is
 given (training) and is off otherwise (inference), as PEFT's train/eval modes.
 """
@@ -36,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from .errors import LayoutError
 from .methods import CopySpec, IA3BiasSpec, LoraSpec, Spec
 from .methods.base import dropout
 from .node import is_adapted
@@ -58,6 +64,7 @@ class _Binding:
     base_dtype: Any
     items: tuple  # ((spec, arrays, scale), ...)
     stack_left: int
+    module: str = ""
 
     def slice_xs(self):
         """Pytree of arrays to pass as scan ``xs`` (sliced along axis 0)."""
@@ -101,9 +108,11 @@ def _effective(binding: _Binding, w, dtype):
 
 
 class _Interp:
-    def __init__(self, rng):
+    def __init__(self, rng, uses: dict | None = None):
         self.rng = rng
         self.site = 0
+        # node_id -> {"in", "out"}: which axes of a dense weight the function contracts
+        self.uses: dict = {} if uses is None else uses
 
     def next_rng(self):
         if self.rng is None:
@@ -224,6 +233,12 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     w = val if tag.perm is None else jnp.transpose(val, inv)  # weight orientation
     in_axes = tuple(range(ndim - n_in, ndim)) if lay.transposed else tuple(range(n_in))
     wc_w = [axes[d] for d in wc]  # contracted weight axes, in dot order
+    if lay.kind == "dense":
+        out_axes = tuple(d for d in range(ndim) if d not in in_axes)
+        if tuple(sorted(wc_w)) == in_axes:
+            interp.uses.setdefault(b.node_id, set()).add("in")
+        elif tuple(sorted(wc_w)) == out_axes:
+            interp.uses.setdefault(b.node_id, set()).add(("out", b.module, tuple(w.shape), lay))
     if tuple(sorted(wc_w)) != in_axes:
         return None
     free_w = [axes[d] for d in range(ndim) if d not in wc]  # output axes in the dot's order
@@ -385,7 +400,7 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
         inner_tags = list(const_tags) + [None] * ncarry
         for t, e in zip(xs_tags, extra_i):
             inner_tags.append(None if t is None else _Tag(t.binding.with_slices(e), t.dtype))
-        sub = _Interp(jax.random.fold_in(outer_rng, step) if with_rng else None)
+        sub = _Interp(jax.random.fold_in(outer_rng, step) if with_rng else None, interp.uses)
         outs = sub.run(closed.jaxpr, closed.consts, consts + list(carry) + list(xs_i), inner_tags)
         return outs[:ncarry], outs[ncarry:]
 
@@ -458,12 +473,43 @@ def _prepare(args_tree):
             # a copy plus other adapters on one leaf: just build the effective weight
             value, items = _effective(_binding(i, value, items), value, value.dtype), []
         vals.append(value)
-        binds.append(_binding(i, value, items) if items else None)
+        binds.append(_binding(i, value, items, _arg_module(l.module)) if items else None)
     return vals, binds, treedef
 
 
-def _binding(i: int, value, items) -> _Binding:
-    return _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack)
+def _arg_module(module: str) -> str:
+    """The module path inside its argument (``_walk((args, kwargs))`` prefixes ``0.<i>.``)."""
+    parts = module.split(".", 2)
+    mod = parts[2] if len(parts) == 3 else module
+    return mod[len("params.") :] if mod.startswith("params.") else mod
+
+
+def _binding(i: int, value, items, module: str = "") -> _Binding:
+    return _Binding(i, value.dtype, tuple(items), items[0][0].layout.stack, module)
+
+
+def _check_orientation(uses: dict) -> None:
+    """Refuse dense weights used only with their layout's *output* axes contracted."""
+    for marks in uses.values():
+        if "in" in marks:
+            continue  # also used as its layout says: a second, transposed use (tied weights)
+        for m in marks:
+            _, module, shape, lay = m
+            flip = dataclasses.replace(lay, transposed=not lay.transposed)
+            key = module.split(".")[-1] or module
+            raise LayoutError(
+                f"module `{module}`: the function contracts its weight of shape {list(shape)} "
+                f"only over the axes that `inject` read as outputs ({lay}), so the weight is "
+                "stored "
+                + ("(in, out)" if lay.transposed else "(out, in)")
+                + " (e.g. transformers' Flax GPT-2 `Conv1D`, used as `x @ W.T`) and the adapter "
+                "was built for the other orientation. Inject with "
+                f"`layouts={{'{key}': pj.Layout('dense'"
+                + (", transposed=True" if flip.transposed else "")
+                + (f", stack={lay.stack}" if lay.stack else "")
+                + (f", n_in={lay.n_in}" if lay.n_in != 1 else "")
+                + ")}`."
+            )
 
 
 def _scale_of(spec: Spec):
@@ -517,7 +563,9 @@ def apply(fn, *, rng: jax.Array | None = None):
         arg_tags = [
             _Tag(binds[i], vals[i].dtype) if binds[i] is not None else None for i in dyn_idx
         ]
-        outs = iter(_Interp(rng).run(closed.jaxpr, closed.consts, dyn, arg_tags))
+        interp = _Interp(rng)
+        outs = iter(interp.run(closed.jaxpr, closed.consts, dyn, arg_tags))
+        _check_orientation(interp.uses)
         leaves = [next(outs) if x is _ARRAY else x for x in out_info["static"]]
         return jax.tree_util.tree_unflatten(out_info["tree"], leaves)
 

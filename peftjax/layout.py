@@ -156,12 +156,40 @@ def resolve_layout(layouts: LayoutSpec, path: str, leaf_name: str, leaf) -> Layo
     if lay is None:
         lay = infer_layout(path, leaf_name, shape)
     if lay is None:
-        raise UnsupportedModuleError(
-            f"module `{path}`: cannot tell how to read weight `{leaf_name}` of shape {shape} "
-            "(3-D and higher weights may be stacked layers, DenseGeneral kernels or 1-D convs). "
-            "Pass e.g. `layouts={'"
-            + path.split(".")[-1]
-            + "': pj.Layout('dense', stack=1)}` to `inject`."
-        )
+        raise UnsupportedModuleError(_ambiguous_message(path, leaf_name, shape))
     lay.check(shape, path)
     return lay
+
+
+def _ambiguous_message(path: str, leaf_name: str, shape: tuple[int, ...]) -> str:
+    """The readings of a weight whose shape does not say its layout, each with what the
+    shape's axes would then mean."""
+    key = path.split(".")[-1] or path
+    nd = len(shape)
+    s = list(shape)
+    lines = [
+        f"module `{path}`: cannot tell how to read weight `{leaf_name}` of shape {tuple(shape)}; "
+        f"pass `layouts={{'{key}': pj.Layout(...)}}` to `inject` with the reading that fits:"
+    ]
+    if nd >= 3:
+        lines.append(
+            f"  - stacked (scanned) layers: `pj.Layout('dense', stack=1)`: {s[0]} layers of "
+            f"({', '.join(map(str, s[1:]))}) kernels, one adapter slice per layer"
+        )
+        lines.append(
+            f"  - DenseGeneral input kernel (features, heads, head_dim), e.g. an attention "
+            f"query/key/value: `pj.Layout('dense')` (n_in=1): {s[0]} inputs -> "
+            f"{'x'.join(map(str, s[1:]))} outputs"
+        )
+        lines.append(
+            f"  - DenseGeneral output kernel (heads, head_dim, features), e.g. an attention "
+            f"output projection: `pj.Layout('dense', n_in=2)`: {'x'.join(map(str, s[:2]))} "
+            f"inputs -> {'x'.join(map(str, s[2:]))} outputs"
+        )
+        if nd == 3:
+            lines.append(
+                f"  - 1-D conv (width, in, out): `pj.Layout('conv')`: width {s[0]}, {s[1]} in, "
+                f"{s[2]} out channels"
+            )
+        lines.append("  - torch-style (out, in) kernels: add `transposed=True` to a dense reading")
+    return "\n".join(lines)

@@ -3,7 +3,12 @@
 ``pj.inject`` replaces each targeted weight leaf by an `Adapted` node and leaves everything
 else in the tree untouched. Children (traced, differentiated, sharded): ``base`` and
 ``arrays[name][param]``. Aux data (static, hashable, never a leaf): each adapter's `Spec`, the
-active names and the merged names (in merge order).
+active names, the merged names (in merge order) and the frozen names (adapters loaded or
+injected for inference: ``inference_mode=True``, see `pj.set_trainable`).
+
+Nodes share no mutable container with anything: `Adapted` copies its ``arrays`` dicts (the outer
+dict and each adapter's) when it is built, so editing one tree's ``arrays`` never changes another
+tree, and the pytree key paths stay ``.arrays[name][param]``.
 """
 
 from __future__ import annotations
@@ -13,14 +18,30 @@ from typing import Any
 import jax
 from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
 
+from .errors import AdaptedArrayError
 from .methods import Spec
+
+
+def _fresh(arrays):
+    """A copy of ``arrays`` (outer dict and each adapter's dict); other values are kept as given
+    (``None`` in a `partition` half, bools in a mask, whatever a ``tree_map`` put there)."""
+    if not isinstance(arrays, dict):
+        return arrays
+    return {n: (dict(a) if isinstance(a, dict) else a) for n, a in arrays.items()}
+
+
+_ARRAY_HINT = (
+    "this weight carries adapters (a `pj.Adapted` node), so it is not an array: run the model "
+    "through `pj.apply`, e.g. `pj.apply(model.apply)(params, x)`, or fold the adapters in first "
+    "with `pj.merge_and_unload(params)` (or drop them with `pj.unload(params)`)."
+)
 
 
 @register_pytree_with_keys_class
 class Adapted:
     """A weight leaf carrying adapters. Immutable: every transform returns a new node."""
 
-    __slots__ = ("base", "arrays", "specs", "active", "merged")
+    __slots__ = ("base", "arrays", "specs", "active", "merged", "frozen")
 
     def __init__(
         self,
@@ -29,12 +50,14 @@ class Adapted:
         specs: tuple[tuple[str, Spec], ...],
         active: tuple[str, ...] = (),
         merged: tuple[str, ...] = (),
+        frozen: tuple[str, ...] = (),
     ):
         object.__setattr__(self, "base", base)
-        object.__setattr__(self, "arrays", arrays)
+        object.__setattr__(self, "arrays", _fresh(arrays))
         object.__setattr__(self, "specs", specs)
         object.__setattr__(self, "active", active)
         object.__setattr__(self, "merged", merged)
+        object.__setattr__(self, "frozen", frozen)
 
     def __setattr__(self, name, value):
         raise AttributeError("Adapted nodes are immutable; use the peftjax transforms.")
@@ -42,10 +65,10 @@ class Adapted:
     # ---- pytree -----------------------------------------------------------------------------
     def tree_flatten_with_keys(self):
         children = ((GetAttrKey("base"), self.base), (GetAttrKey("arrays"), self.arrays))
-        return children, (self.specs, self.active, self.merged)
+        return children, (self.specs, self.active, self.merged, self.frozen)
 
     def tree_flatten(self):
-        return (self.base, self.arrays), (self.specs, self.active, self.merged)
+        return (self.base, self.arrays), (self.specs, self.active, self.merged, self.frozen)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -61,6 +84,16 @@ class Adapted:
             if n == name:
                 return s
         raise KeyError(name)
+
+    # ---- not an array: say how to use it -------------------------------------------------
+    def __jax_array__(self):
+        raise AdaptedArrayError(_ARRAY_HINT)
+
+    def __array__(self, *args, **kwargs):
+        raise AdaptedArrayError(_ARRAY_HINT)
+
+    def __float__(self):
+        raise AdaptedArrayError(_ARRAY_HINT)
 
     def pending(self) -> list[tuple[str, Spec, dict]]:
         """Active, unmerged adapters on this leaf, in activation order."""
@@ -92,7 +125,8 @@ class Adapted:
         ads = ", ".join(f"{n}={s.describe()}" for n, s in self.specs)
         return (
             f"Adapted(base={dtype}{list(shape) if shape is not None else ''}, {ads}, "
-            f"active={self.active}, merged={self.merged})"
+            f"active={self.active}, merged={self.merged}"
+            + (f", frozen={self.frozen})" if self.frozen else ")")
         )
 
 

@@ -4,18 +4,31 @@
 the active, unmerged adapters' arrays as leaves (every other leaf is ``None``, an empty
 pytree), so ``jax.grad`` and ``optimizer.init`` see adapter-sized trees and never build a
 gradient or optimizer state for a frozen weight. `combine` is its exact inverse.
+
+Adapters marked frozen (``inference_mode=True``, `pj.set_trainable`) are never trainable.
+Parameter counts follow HF PEFT's: a stacked (scanned) weight's layer slices that
+``layers_to_transform`` excluded (scaling 0) carry arrays here but no adapter in PEFT, so they
+are not counted.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
+from .errors import PartitionError, PeftJaxError, ShapeError
 from .node import Adapted, is_adapted
 
 
+def _live(node: Adapted) -> set[str]:
+    """The adapters of ``node`` that train: active, unmerged and not frozen."""
+    return {n for n, _, _ in node.pending() if n not in node.frozen}
+
+
 def _split_node(node: Adapted):
-    live = {n for n, _, _ in node.pending()}
+    live = _live(node)
     train = {n: (a if n in live and a else None) for n, a in node.arrays.items()}
     frozen = {n: (None if n in live and a else a) for n, a in node.arrays.items()}
     return node.replace(base=None, arrays=train), node.replace(arrays=frozen)
@@ -32,19 +45,85 @@ def partition(params):
     return t, f
 
 
-def combine(trainable, frozen):
-    """Inverse of `partition`: ``combine(*partition(p))`` is ``p``."""
+@functools.lru_cache(maxsize=4096)
+def _expected_shapes(spec) -> dict[str, tuple[int, ...]] | None:
+    """The array shapes `inject` gives an adapter with ``spec`` (static, cached per spec)."""
+    import jax.numpy as jnp
 
-    def join(f, t):
+    try:
+        base = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+        out = jax.eval_shape(lambda b: spec.init(jax.random.key(0), b), base)
+        return {k: tuple(v.shape) for k, v in out.items()}
+    except Exception:  # a spec whose init cannot run abstractly: no shape check
+        return None
+
+
+def _keystr(kp) -> str:
+    from .paths import keypath_to_names
+
+    return ".".join(keypath_to_names(kp)) or "<root>"
+
+
+def combine(trainable, frozen):
+    """Inverse of `partition`: ``combine(*partition(p))`` is ``p``.
+
+    Raises `PartitionError` when ``frozen`` is not the second half of a `partition` (for example
+    the original params, which would silently drop the adapters) and `ShapeError` when an array
+    of ``trainable`` does not have the shape the adapter in ``frozen`` expects (trees from
+    injections with different ranks). The checks use static shapes only (they work under
+    ``jit``).
+    """
+
+    def join(kp, f, t):
         if not is_adapted(f):
+            if is_adapted(t) and any(a for a in t.arrays.values()):
+                raise PartitionError(
+                    f"`combine`: `trainable` has adapter arrays at `{_keystr(kp)}` "
+                    f"({', '.join(n for n, a in t.arrays.items() if a)}) but the second tree has "
+                    "a plain weight there: pass the `frozen` half of `pj.partition(params)`, not "
+                    "the original params (the adapters would be dropped)."
+                )
             return f
-        arrays = {
-            n: (t.arrays.get(n) if t is not None and t.arrays.get(n) is not None else a)
-            for n, a in f.arrays.items()
-        }
+        if t is not None and not is_adapted(t):
+            raise PartitionError(
+                f"`combine`: at `{_keystr(kp)}` `frozen` has an adapted weight but `trainable` "
+                f"has {type(t).__name__}; pass `(trainable, frozen)` from `pj.partition`."
+            )
+        arrays = {}
+        for n, a in f.arrays.items():
+            ta = t.arrays.get(n) if t is not None else None
+            if ta is None:
+                if a is None:
+                    raise PartitionError(
+                        f"`combine`: adapter {n!r} at `{_keystr(kp)}` is trainable in `frozen`, "
+                        "but `trainable` has no arrays for it; pass `(trainable, frozen)` from "
+                        "the same `pj.partition` call."
+                    )
+                arrays[n] = a
+                continue
+            want = _expected_shapes(f.spec(n))
+            if want is not None and isinstance(ta, dict):
+                for k, v in ta.items():
+                    have = tuple(getattr(v, "shape", ()))
+                    if k in want and have != want[k]:
+                        raise ShapeError(
+                            f"`combine`: at `{_keystr(kp)}`, adapter {n!r} array `{k}` has shape "
+                            f"{list(have)} in `trainable` but the adapter in `frozen` expects "
+                            f"{list(want[k])} (trees from different injections, e.g. another "
+                            "rank?)."
+                        )
+            arrays[n] = ta
         return f.replace(arrays=arrays)
 
-    return jax.tree_util.tree_map(join, frozen, trainable, is_leaf=is_adapted)
+    try:
+        return jax.tree_util.tree_map_with_path(join, frozen, trainable, is_leaf=is_adapted)
+    except PeftJaxError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise PartitionError(
+            "`combine(trainable, frozen)`: the two trees do not have the same structure; pass "
+            f"the two halves of one `pj.partition(params)`, in that order ({err})."
+        ) from None
 
 
 def trainable_mask(params):
@@ -73,21 +152,32 @@ def _size(x) -> int:
     return int(np.prod(getattr(x, "shape", ()))) if x is not None else 0
 
 
-def _adapter_size(arrays) -> int:
-    """Parameters of one adapter's arrays (DoRA's cached ``weight_norm`` is not a parameter)."""
-    return sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
+def _adapter_size(arrays, spec=None) -> int:
+    """Parameters of one adapter's arrays as PEFT counts them: DoRA's cached ``weight_norm``
+    is not a parameter, and on a stacked weight only the layer slices with a nonzero scaling
+    count (PEFT has no adapter on the layers ``layers_to_transform`` left out)."""
+    if not arrays:
+        return 0
+    n = sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
+    if spec is not None and spec.layout.stack and len(spec.scaling) > 1:
+        on = sum(1 for s in spec.scaling if s != 0)
+        n = n * on // len(spec.scaling)
+    return n
 
 
 def count_parameters(params) -> tuple[int, int]:
     """``(trainable, all)`` parameter counts, as HF PEFT's ``get_nb_trainable_parameters``:
-    all = base weights plus every adapter's arrays; trainable = active unmerged adapters."""
-    t, _ = partition(params)
-    trainable = sum(_size(x) for x in jax.tree_util.tree_leaves(t))
-    total = 0
+    all = base weights plus every adapter's arrays; trainable = active, unmerged adapters that
+    are not frozen. Stacked layer slices excluded by ``layers_to_transform`` are not counted."""
+    trainable = total = 0
     for x in jax.tree_util.tree_leaves(params, is_leaf=is_adapted):
         if is_adapted(x):
+            live = _live(x)
             total += _size(x.base)
-            total += sum(_adapter_size(a) for a in x.arrays.values())
+            for n, spec in x.specs:
+                size = _adapter_size(x.arrays.get(n), spec)
+                total += size
+                trainable += size if n in live else 0
         else:
             total += _size(x)
     return trainable, total
@@ -121,8 +211,9 @@ def summary(params, print_fn=print) -> str:
             continue
         base = f"{node.base.dtype}{list(node.base.shape)}"
         for n, spec in node.specs:
-            count = _adapter_size(node.arrays[n])
+            count = _adapter_size(node.arrays[n], spec)
             state = "merged" if n in node.merged else ("active" if n in node.active else "off")
+            state += ", frozen" if n in node.frozen else ""
             rows.append((l.module, l.name, base, f"{n}: {spec.describe()}", f"{count:,d}", state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +23,15 @@ import numpy as np
 
 from . import paths as P
 from .config import AdapterConfig
-from .errors import AdapterNameError, ConfigError, MergeError, TargetError, UnsupportedModuleError
+from .errors import (
+    AdapterNameError,
+    AdapterNameTypeError,
+    ArgumentTypeError,
+    ConfigError,
+    MergeError,
+    TargetError,
+    UnsupportedModuleError,
+)
 from .layout import Layout, LayoutSpec, resolve_layout
 from .methods import CopySpec, IA3BiasSpec, IA3Spec, LoHaSpec, LoKrSpec, LoraSpec, Spec
 from .node import Adapted, is_adapted, leaves_with_paths
@@ -79,7 +89,10 @@ def _walk(params) -> tuple[list[_Leaf], Any]:
 
 
 def _rebuild(treedef, leaves: list[_Leaf]):
-    return jax.tree_util.tree_unflatten(treedef, [l.value for l in leaves])
+    # every node of the result is a new object with its own `arrays` dicts (`Adapted` copies
+    # them), even where a transform left it as it was: no tree shares a container with another
+    vals = [l.value.replace() if is_adapted(l.value) else l.value for l in leaves]
+    return jax.tree_util.tree_unflatten(treedef, vals)
 
 
 def _modules(leaves: list[_Leaf]) -> dict[str, list[_Leaf]]:
@@ -157,11 +170,33 @@ def targeted_modules(params, name: str | None = None) -> list[str]:
     return sorted(mods)
 
 
+def _names_arg(names, field: str) -> tuple[str, ...]:
+    """``names`` (a str, a sequence of str, or ``None``) as a tuple; a peftjax error otherwise."""
+    if names is None:
+        return ()
+    if isinstance(names, str):
+        return (names,)
+    if not isinstance(names, (Sequence, set, frozenset)) or isinstance(names, (bytes, bytearray)):
+        raise AdapterNameTypeError(
+            f"`{field}`: expected an adapter name (str), a list of names or None, got "
+            f"{type(names).__name__} {names!r}."
+        )
+    out = tuple(names)
+    for n in out:
+        if not isinstance(n, str):
+            raise AdapterNameTypeError(
+                f"`{field}`: adapter names are str, got {type(n).__name__} {n!r} in {names!r}."
+            )
+    return out
+
+
 def _check_names(params, names, field: str):
     have = adapter_names(params)
     for n in names:
         if not isinstance(n, str):
-            raise AdapterNameError(f"`{field}`: adapter names are str, got {n!r}.")
+            raise AdapterNameTypeError(
+                f"`{field}`: adapter names are str, got {type(n).__name__} {n!r}."
+            )
         if n not in have:
             raise AdapterNameError(
                 f"`{field}`: no adapter named {n!r}; the adapters are {list(have)}."
@@ -244,13 +279,84 @@ def _validate_name(name, leaves):
             )
 
 
-def _new_node(l: _Leaf, name: str, spec: Spec, arrays, act: tuple[str, ...]) -> Adapted:
+def _new_node(
+    l: _Leaf, name: str, spec: Spec, arrays, act: tuple[str, ...], frozen: bool = False
+) -> Adapted:
     if is_adapted(l.value):
         node = l.value
         return node.replace(
-            arrays={**node.arrays, name: arrays}, specs=node.specs + ((name, spec),), active=act
+            arrays={**node.arrays, name: arrays},
+            specs=node.specs + ((name, spec),),
+            active=act,
+            frozen=node.frozen + ((name,) if frozen else ()),
         )
-    return Adapted(l.value, {name: arrays}, ((name, spec),), act, ())
+    return Adapted(l.value, {name: arrays}, ((name, spec),), act, (), (name,) if frozen else ())
+
+
+def _key_arg(key):
+    """``key`` as a PRNG key: a typed key (``jax.random.key``), a raw ``uint32[2]`` key
+    (``jax.random.PRNGKey``) or a Python / numpy int (``jax.random.key(int)``)."""
+    if isinstance(key, (bool, np.bool_)):
+        raise ArgumentTypeError(f"`key`: expected a PRNG key or an int seed, got {key!r}.")
+    if isinstance(key, (int, np.integer)):
+        return jax.random.key(int(key))
+    dt = getattr(key, "dtype", None)
+    if isinstance(key, (jax.Array, np.ndarray)) and dt is not None:
+        if jnp.issubdtype(dt, jax.dtypes.prng_key) and key.shape == ():
+            return key
+        if dt == jnp.uint32 and tuple(key.shape) == (2,):
+            return key
+    what = (
+        f"an array of shape {tuple(key.shape)} and dtype {dt}"
+        if dt is not None and hasattr(key, "shape")
+        else f"{type(key).__name__} {key!r}"
+    )
+    raise ArgumentTypeError(
+        f"`key`: expected a PRNG key (`jax.random.key(0)`) or an int seed, got {what}."
+    )
+
+
+def _abstract(params) -> bool:
+    """True when ``params`` holds ``jax.ShapeDtypeStruct`` leaves and only array-like leaves
+    (`inject` then runs under ``jax.eval_shape``)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves) and all(
+        hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves
+    )
+
+
+def _check_layout_keys(layouts, groups: dict[str, list[_Leaf]]) -> None:
+    """Every key of a ``layouts`` dict must match some module (resolve_layout's rule)."""
+    if layouts is None or isinstance(layouts, Layout) or callable(layouts):
+        return
+    if not isinstance(layouts, Mapping):
+        raise ArgumentTypeError(
+            "`layouts`: expected a `pj.Layout`, a dict {module regex or suffix: Layout} or a "
+            f"callable (module_path, array) -> Layout | None, got {type(layouts).__name__}."
+        )
+    mods = [m for m, g in groups.items() if m and _weight_leaf(g) is not None] or [
+        m for m in groups if m
+    ]
+    unmatched = []
+    for pat, lay in layouts.items():
+        if not isinstance(pat, str):
+            raise ArgumentTypeError(f"`layouts`: keys are module regexes or suffixes, got {pat!r}.")
+        if not isinstance(lay, Layout):
+            raise ArgumentTypeError(
+                f"`layouts[{pat!r}]`: expected a `pj.Layout`, got {type(lay).__name__} {lay!r}."
+            )
+        try:
+            rx = re.compile(pat)
+        except re.error as err:
+            raise TargetError(f"`layouts` key {pat!r} is not a valid regex: {err}.") from None
+        if not any(rx.fullmatch(m) or m == pat or m.endswith("." + pat) for m in mods):
+            unmatched.append(pat)
+    if unmatched:
+        raise TargetError(
+            f"`layouts`: key(s) {unmatched} match no module (a key is a regex full match, a whole "
+            f"module path or a `.`-suffix of one); modules here include {mods[:8]}"
+            + (f" and {len(mods) - 8} more." if len(mods) > 8 else ".")
+        )
 
 
 def inject(
@@ -262,13 +368,15 @@ def inject(
     layouts: LayoutSpec = None,
     dtype=jnp.float32,
     activate: bool | None = None,
+    trainable: bool | None = None,
 ):
     """Add adapter ``name`` at every module ``config`` targets, initialised as PEFT does.
 
     Args:
       params: a linen param dict (with or without ``params``), an nnx ``State`` or any pytree.
       config: a `LoraConfig`, `LoHaConfig`, `LoKrConfig`, `IA3Config` or `LNTuningConfig`.
-      key: PRNG key for the initialisation (each module gets ``fold_in(key, i)``).
+      key: PRNG key for the initialisation (each module gets ``fold_in(key, i)``); an int
+        seed means ``jax.random.key(seed)``.
       name: the adapter's name.
       layouts: how to read weights that are not plain 2-D dense / 4-D conv / embedding tables:
         a `Layout`, a dict ``{module regex or suffix: Layout}`` or a callable
@@ -276,9 +384,13 @@ def inject(
         ``Layout("dense", stack=1)``.
       dtype: dtype of the adapter arrays (PEFT keeps adapters in float32).
       activate: make ``name`` active. Default, as PEFT: only when it is the first adapter.
+      trainable: whether `partition` / `trainable_mask` / `count_parameters` treat the adapter
+        as trainable. Default: ``not config.inference_mode`` (PEFT: an adapter made with
+        ``inference_mode=True`` is frozen). `set_trainable` changes it later.
 
     Returns:
-      A new tree; ``params`` is left unchanged.
+      A new tree; ``params`` is left unchanged. On ``jax.ShapeDtypeStruct`` leaves the call runs
+      under ``jax.eval_shape`` and every leaf of the result is a ``ShapeDtypeStruct``.
 
     >>> import jax, jax.numpy as jnp, peftjax as pj
     >>> p = {"q_proj": {"kernel": jnp.ones((4, 6))}}
@@ -288,9 +400,21 @@ def inject(
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"`config` must be a peftjax config, got {type(config).__name__}.")
+    key = _key_arg(key)
+    if trainable is None:
+        trainable = not bool(getattr(config, "inference_mode", False))
+    elif not isinstance(trainable, (bool, np.bool_)):
+        raise ArgumentTypeError(f"`trainable`: expected a bool or None, got {trainable!r}.")
+    if activate is not None and not isinstance(activate, (bool, np.bool_)):
+        raise ArgumentTypeError(f"`activate`: expected a bool or None, got {activate!r}.")
+    kw = dict(name=name, layouts=layouts, dtype=dtype, activate=activate, trainable=trainable)
+    if _abstract(params):
+        # abstract leaves: check everything on the abstract tree, then run under eval_shape
+        return jax.eval_shape(lambda p: inject(p, config, key=key, **kw), params)
     leaves, treedef = _walk(params)
     _validate_name(name, leaves)
     groups = _modules(leaves)
+    _check_layout_keys(layouts, groups)
     method = config.method
     if config.target_modules is None:
         raise ConfigError(
@@ -369,6 +493,7 @@ def inject(
     if alpha_pattern:
         P.check_pattern_keys(targeted, alpha_pattern, "alpha_pattern")
 
+    frozen = not trainable
     prior = _global_active(leaves)
     first = not _nodes(leaves)
     do_activate = first if activate is None else activate
@@ -391,7 +516,7 @@ def inject(
                     kind="ln_tuning",
                 )
                 new[l.index] = dataclasses.replace(
-                    l, value=_new_node(l, name, spec, spec.init(mkey, l.base), act)
+                    l, value=_new_node(l, name, spec, spec.init(mkey, l.base), act, frozen)
                 )
             continue
         w = item
@@ -405,7 +530,7 @@ def inject(
         except UnsupportedModuleError as err:  # a spec's own shape check: name the module
             raise UnsupportedModuleError(f"module `{mod}`: {err}") from None
         arrays = spec.init(mkey, w.base, dtype)
-        new[w.index] = dataclasses.replace(w, value=_new_node(w, name, spec, arrays, act))
+        new[w.index] = dataclasses.replace(w, value=_new_node(w, name, spec, arrays, act, frozen))
         if isinstance(spec, IA3Spec) and not spec.feedforward:
             b = _bias_leaf(groups[mod], w)
             if b is not None:
@@ -415,7 +540,9 @@ def inject(
                     scaling=spec.scaling,
                     owner=w.name,
                 )
-                new[b.index] = dataclasses.replace(b, value=_new_node(b, name, bspec, {}, act))
+                new[b.index] = dataclasses.replace(
+                    b, value=_new_node(b, name, bspec, {}, act, frozen)
+                )
     for mod in save_paths:
         for l in _subtree(groups, mod):
             spec = CopySpec(
@@ -425,7 +552,8 @@ def inject(
                 kind="modules_to_save",
             )
             new[l.index] = dataclasses.replace(
-                l, value=_new_node(new[l.index], name, spec, spec.init(None, l.base), act)
+                l,
+                value=_new_node(new[l.index], name, spec, spec.init(None, l.base), act, frozen),
             )
     new = [_with_active(l, act) for l in new]
     return _rebuild(treedef, new)
@@ -465,13 +593,12 @@ def _with_active(l: _Leaf, act: tuple[str, ...]) -> _Leaf:
 
 
 def set_active(params, names: str | Sequence[str] | None):
-    """Activate ``names`` (a str, a list of str, or ``None`` / ``[]`` for base behaviour)."""
-    if names is None:
-        names = ()
-    elif isinstance(names, str):
-        names = (names,)
-    else:
-        names = tuple(names)
+    """Activate ``names`` (a str, a list of str, or ``None`` / ``[]`` for base behaviour).
+
+    As PEFT's ``set_adapter``: on a tree with merged adapters, every merged adapter is
+    unmerged first (with a warning), then ``names`` become active (unmerged).
+    """
+    names = _names_arg(names, "names")
     _check_names(params, names, "names")
     if len(set(names)) != len(names):
         raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
@@ -486,7 +613,48 @@ def set_active(params, names: str | Sequence[str] | None):
                     f"`names`: adapters {copies} each replace module `{l.module}` (LN tuning / "
                     "modules_to_save); only one of them can be active."
                 )
+    if any(node.merged for node in _nodes(leaves)):
+        merged = sorted({n for node in _nodes(leaves) for n in node.merged})
+        warnings.warn(
+            f"Adapter cannot be set when the model is merged. Unmerging the model first "
+            f"(adapters {merged} unmerged).",
+            UserWarning,
+            stacklevel=2,
+        )
+        leaves, treedef = _walk(unmerge(params))
     return _rebuild(treedef, [_with_active(l, names) for l in leaves])
+
+
+def set_trainable(params, names: str | Sequence[str] | None = None, trainable: bool = True):
+    """Mark adapters ``names`` (default: all) trainable or frozen.
+
+    A frozen adapter still acts (when active) but `partition`, `trainable_mask`,
+    `adapter_optimizer` and `count_parameters` treat its arrays as frozen, as PEFT does for an
+    adapter made with ``inference_mode=True`` (or loaded with ``is_trainable=False``).
+    """
+    if not isinstance(trainable, (bool, np.bool_)):
+        raise ArgumentTypeError(f"`trainable`: expected a bool, got {trainable!r}.")
+    names = adapter_names(params) if names is None else _names_arg(names, "names")
+    _check_names(params, names, "names")
+    leaves, treedef = _walk(params)
+    out = []
+    for l in leaves:
+        node = l.value
+        if is_adapted(node):
+            mine = [n for n in names if n in node.names]
+            if trainable:
+                fz = tuple(n for n in node.frozen if n not in mine)
+            else:
+                fz = node.frozen + tuple(n for n in mine if n not in node.frozen)
+            l = dataclasses.replace(l, value=node.replace(frozen=fz))
+        out.append(l)
+    return _rebuild(treedef, out)
+
+
+def frozen_adapters(params) -> tuple[str, ...]:
+    """Names of the adapters marked frozen (`set_trainable`, ``inference_mode=True``)."""
+    fz = {n for node in _nodes(_walk(params)[0]) for n in node.frozen}
+    return tuple(n for n in adapter_names(params) if n in fz)
 
 
 def delete(params, name: str):
@@ -511,7 +679,10 @@ def delete(params, name: str):
             if name in node.names:
                 specs = tuple((n, s) for n, s in node.specs if n != name)
                 arrays = {n: a for n, a in node.arrays.items() if n != name}
-                node = node.replace(specs=specs, arrays=arrays) if specs else node.base
+                frozen = tuple(n for n in node.frozen if n != name)
+                node = (
+                    node.replace(specs=specs, arrays=arrays, frozen=frozen) if specs else node.base
+                )
             if is_adapted(node):
                 node = node.replace(active=act)
             l = dataclasses.replace(l, value=node)
@@ -581,13 +752,27 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
       safe: raise `MergeError` naming the module if any merged value is not finite; nothing is
         returned half-merged.
     """
-    if isinstance(names, str):
-        names = (names,)
+    if not isinstance(safe, (bool, np.bool_)):
+        raise ArgumentTypeError(f"`safe`: expected a bool, got {safe!r}.")
     leaves, treedef = _walk(params)
-    names = tuple(_global_active(leaves) if names is None else names)
+    names = _global_active(leaves) if names is None else _names_arg(names, "names")
     _check_names(params, names, "names")
     if len(set(names)) != len(names):  # would fold the same delta in twice
         raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
+    if safe:
+        traced = [
+            l.module
+            for l in leaves
+            if is_adapted(l.value)
+            and any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(l.value))
+        ]
+        if traced:
+            raise MergeError(
+                f"`merge(safe=True)` checks the merged values, so it needs concrete arrays, but "
+                f"the weights of `{traced[0]}` are traced (inside `jax.jit`, `grad`, `vmap`...): "
+                "call `pj.merge(..., safe=True)` outside the transform, or merge without `safe` "
+                "and check `jnp.isfinite` on the result yourself."
+            )
     groups = _modules(leaves)
     out = []
     for l in leaves:

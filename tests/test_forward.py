@@ -521,7 +521,9 @@ def test_transformers_flax_llama(hf_llama, config, fallbacks):
 
 
 def test_transformers_flax_gpt2_transposed_kernels_exact(fallbacks):
-    """GPT-2's Flax Conv1D keeps ``(out, in)`` kernels: the fallback must still be exact."""
+    """GPT-2's Flax Conv1D keeps ``(out, in)`` kernels: without ``transposed=True`` the adapter
+    would have the wrong orientation (`pj.apply` refuses); with it, and with the tied ``wte``
+    (whose lm_head use falls back), the result is exact."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
@@ -532,12 +534,11 @@ def test_transformers_flax_gpt2_transposed_kernels_exact(fallbacks):
         gm.params_shape_tree,
     )
     ids = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
-    q = inject(
-        params,
-        pj.LoraConfig(r=2, target_modules=["c_attn", "wte"], init_lora_weights=False),
-        seed=1,
-    )
+    cfg = pj.LoraConfig(r=2, target_modules=["c_attn", "wte"], init_lora_weights=False)
     f = lambda p, ids: gm(ids, params=p).logits
+    with pytest.raises(pj.LayoutError, match="c_attn"):
+        pj.apply(f)(inject(params, cfg, seed=1), ids)
+    q = inject(params, cfg, {"c_attn": pj.Layout("dense", transposed=True)}, seed=1)
     check(f, q, ids, wrap=jax.jit, fallbacks=fallbacks, expect_fallback=True, base=params)
 
 
