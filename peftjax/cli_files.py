@@ -116,7 +116,8 @@ def _shards(base: Path, roots) -> tuple[list[str], bytes | None, dict | None]:
             )
         for key, name in wm.items():
             what = f"`{index}`: weight_map[{key!r}]"
-            if isinstance(name, str) and ("/" in name or "\\" in name) and not os.path.isabs(name):
+            parts = re.split(r"[/\\]", name) if isinstance(name, str) else []
+            if len(parts) > 1 and not os.path.isabs(name) and all(parts) and ".." not in parts:
                 raise FormatError(
                     f"{what} = {name!r} puts a shard in a subfolder; shards must be plain file "
                     "names next to the index."
@@ -174,20 +175,6 @@ def _copy_file(src: Path, st: os.stat_result, dst: Path) -> None:
             os.fsync(g.fileno())
     os.chmod(dst, stat.S_IMODE(fst.st_mode))
     os.utime(dst, ns=(fst.st_atime_ns, fst.st_mtime_ns))
-
-
-def _embedding_base_keys(io, tensors: dict, peft_type: str) -> dict[str, str]:
-    """``{checkpoint key: adapter key}`` of the base-layer weights PEFT saves with targeted
-    embeddings (``base_model.model.<mod>.base_layer.weight`` -> ``<mod>.weight``)."""
-    fn = getattr(io, "embedding_base_keys", None)
-    if fn is not None:
-        return dict(fn(tensors, peft_type))
-    out = {}
-    for k in tensors:
-        kind, mod, param = io._split_key(k, peft_type)
-        if kind == "base":
-            out[f"{mod}.{param}"] = k
-    return out
 
 
 # ------------------------------------------------------------------------------------ --out
@@ -322,7 +309,7 @@ def merge_checkpoint(
         elif kind in ("copy", "ln"):
             replace[f"{mod}.{suffix}"] = tensors[k]
     # checkpoint key -> the adapter's base-layer tensor that replaces it (may be resized)
-    base_w = {ck: tensors[ak] for ck, ak in _embedding_base_keys(io, tensors, pt).items()}
+    base_w = {ck: tensors[ak] for ck, ak in io.embedding_base_keys(tensors, pt).items()}
     # One adapter load over every adapted module, with abstract base weights read from the
     # shard headers; each module is then merged on its own, so the transient memory is one
     # shard (read-only views of its bytes) plus one module's float32 copies.
@@ -375,6 +362,9 @@ def merge_checkpoint(
         stale = _remove_stale_partials(out)
         _check_out(out, base)  # again, under the lock: another merge may have finished it
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would be --out's mode
         done_mods: set[str] = set()
         done_repl: set[str] = set()
         t0 = time.perf_counter()

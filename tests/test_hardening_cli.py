@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -119,7 +120,10 @@ def test_shard_outside_base_is_refused_and_outside_file_untouched(tmp_path, how,
     out = tmp_path / "out"
     assert _merge(base, out) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert ("symlink" in line and SHARD2 in line) if how == "symlink" else ("weight_map" in line)
+    if how == "symlink":
+        assert "symlink" in line and SHARD2 in line
+    else:
+        assert "weight_map" in line and "not a plain file name" in line
     assert _sha(outside) == outside_sha
     assert _hashes(base) == before
     assert not out.exists() and not os.path.lexists(out)
@@ -158,18 +162,30 @@ def test_malformed_index_is_a_clear_error(tmp_path, index, needle, capsys):
 # ------------------------------------------------------------------ 2: links, special files
 
 
-@pytest.mark.parametrize("which", ["model.safetensors", cli_files.INDEX_NAME, "tokenizer.json"])
-def test_fifo_is_refused_without_blocking(tmp_path, which, capsys):
+@pytest.mark.parametrize(
+    "which, kind",
+    [
+        ("model.safetensors", "FIFO"),
+        (cli_files.INDEX_NAME, "FIFO"),
+        ("tokenizer.json", "FIFO"),
+        ("model.safetensors", "device"),
+    ],
+)
+def test_fifo_or_device_is_refused_without_blocking(tmp_path, which, kind, capsys):
     base = _checkpoint(tmp_path / "base", shards=1)
-    if which != "model.safetensors":
+    if which == "model.safetensors":
+        (base / which).unlink()
+    if kind == "FIFO":
         os.mkfifo(base / which)
     else:
-        (base / which).unlink()
-        os.mkfifo(base / which)
+        try:  # /dev/zero's numbers: read without a size check, it never ends
+            os.mknod(base / which, stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        except (PermissionError, AttributeError):
+            pytest.skip("cannot make a device node here")
     with _deadline(60):
         assert _merge(base, tmp_path / "out") == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "FIFO" in line and which in line
+    assert kind in line and which in line
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -207,6 +223,9 @@ def test_hub_cache_snapshot_links_are_followed_and_copied_as_files(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([*(p.name for p in plain.iterdir()), "chat_template.jinja"])
     assert all(p.is_file() and not p.is_symlink() for p in out.iterdir())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
     assert (out / "chat_template.jinja").read_text() == "{{ x }}"
     assert (out / "config.json").read_bytes() == (plain / "config.json").read_bytes()
     ref = tmp_path / "ref"
