@@ -14,7 +14,6 @@ import os
 import struct
 import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -506,3 +505,266 @@ def test_adapter_names_must_be_plain(tmp_path, bad):
         with pytest.raises(pj.FormatError, match="name"):
             pio.load_pretrained(mlp_params(0), out, name=bad)
     assert_tree_unchanged(tree, snap)
+
+
+# ---------------------------------------------------------------------------------- 5. crash safety
+
+_SAVE_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import jax
+import numpy as np
+from tests.test_hardening_files import adapter_tree
+from peftjax import io as pio
+
+# numpy leaves: the forked savers below run no JAX computation (fork-safe), only numpy and os
+params = jax.tree_util.tree_map(np.asarray, adapter_tree(r=4, alpha=16, seed=1))
+for n, d in {points!r}:
+    pid = os.fork()
+    if pid == 0:
+        count = [0]
+
+        def wrap(fn):
+            def call(*a, **k):
+                count[0] += 1
+                if count[0] == n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return fn(*a, **k)
+
+            return call
+
+        for name in ("replace", "rename", "fsync", "unlink"):
+            setattr(os, name, wrap(getattr(os, name)))
+        pio.save_pretrained(params, d)
+        print("events", count[0], flush=True)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("point", n, "signal" if os.WIFSIGNALED(status) else "exit",
+          os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), flush=True)
+"""
+
+#: the file-system steps of one save (see io's docstring): 1 fsync weights, 2 fsync config,
+#: 3 fsync journal, 4 rename journal (the commit), 5 fsync dir, 6 rename weights, 7 rename
+#: config, 8 fsync dir, 9 unlink journal, 10 fsync dir. A kill before step N <= 4 leaves the old
+#: adapter, a later one the new.
+_SAVE_EVENTS = 10
+
+
+def _run_children(scripts: list[str], timeout=120) -> list[subprocess.CompletedProcess]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", s],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=ROOT,
+            text=True,
+        )
+        for s in scripts
+    ]
+    out = []
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a kill-test child ran past its time limit")
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    return out
+
+
+def test_save_pretrained_killed_at_every_step_leaves_old_or_new(tmp_path):
+    """SIGKILL before each of a save's file-system steps (one child process, which forks a
+    saver per kill point); every outcome loads as exactly the old or exactly the new adapter."""
+    old_tree, new_tree = adapter_tree(2, 4, 0), adapter_tree(4, 16, 1)
+    old, new = adapter_state(old_tree), adapter_state(new_tree)
+    assert not same_state(old, new)
+    kills = list(range(1, _SAVE_EVENTS + 1))
+    points = [(n, str(tmp_path / f"kill{n}")) for n in [*kills, 10**6]]
+    for _, d in points:
+        pio.save_pretrained(old_tree, d)
+    (res,) = _run_children([_SAVE_CHILD.format(root=str(ROOT), points=points)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.split("\n")
+    assert f"events {_SAVE_EVENTS}" in lines  # the uninterrupted save: the kills cover each step
+    for n in kills:
+        assert f"point {n} signal 9" in lines, (n, res.stdout)
+    assert "point 1000000 exit 0" in lines
+    base = mlp_params(0)
+    for n, d in points:
+        d = Path(d)
+        got = adapter_state(pio.load_pretrained(base, d))
+        want = old if n <= 4 else new
+        assert same_state(got, want), f"kill at step {n}: not the {'old' if n <= 4 else 'new'} one"
+        assert sorted(os.listdir(d)) == [pio.CONFIG_NAME, pio.WEIGHTS_NAME], n  # recovered
+    d = Path(points[5][1])
+    pio.save_pretrained(old_tree, d)
+    assert sorted(os.listdir(d)) == [pio.CONFIG_NAME, pio.WEIGHTS_NAME]
+    assert same_state(adapter_state(pio.load_pretrained(base, d)), old)
+
+
+def test_torn_pair_from_other_tools_is_refused_by_the_digest(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    pio.save_pretrained(adapter_tree(2, 4, 0), a)
+    pio.save_pretrained(adapter_tree(4, 16, 1), b)
+    # PEFT-loadable metadata: format pt plus the digest
+    meta = pio.read_safetensors(a / pio.WEIGHTS_NAME)[1]
+    assert meta["format"] == "pt" and len(meta[pio.DIGEST_KEY]) == 64
+    # bookkeeping edits keep the digest; a config from another save does not
+    cfg = json.loads((a / pio.CONFIG_NAME).read_text())
+    cfg["base_model_name_or_path"] = "org/model"
+    (a / pio.CONFIG_NAME).write_text(json.dumps(cfg))
+    pio.load_pretrained(mlp_params(0), a)
+    (a / pio.CONFIG_NAME).write_bytes((b / pio.CONFIG_NAME).read_bytes())
+    params, before = mlp_params(0), dir_bytes(a)
+    snap = tree_snapshot(params)
+    for call in (pio.load_pretrained, lambda p, d: pio.read_adapter(d)):
+        with pytest.raises(pj.FormatError, match=r"adapter_model\.safetensors.*different"):
+            call(params, a)
+    assert_tree_unchanged(params, snap)
+    assert dir_bytes(a) == before
+
+
+def test_stray_temp_files_without_journal_are_removed(tmp_path):
+    d = tmp_path / "a"
+    pio.save_pretrained(adapter_tree(), d)
+    (d / ".peftjax-tmp-abc.adapter_model.safetensors").write_bytes(b"half")
+    (d / ".adapter_config.json.xyz.tmp").write_bytes(b"{")  # an older peftjax's temp name
+    (d / "notes.tmp").write_bytes(b"mine")  # not peftjax's: kept
+    pio.load_pretrained(mlp_params(0), d)
+    assert sorted(os.listdir(d)) == [pio.CONFIG_NAME, pio.WEIGHTS_NAME, "notes.tmp"]
+
+
+_CKPT_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import optax
+import peftjax as pj
+from tests.test_hardening_files import adapter_tree
+
+params = adapter_tree(2, 4, 1)
+opt_state = optax.adam(1e-2).init(pj.partition(params)[0])
+count = [0]
+real = os.rename
+
+
+def rename(*a, **k):
+    count[0] += 1
+    if count[0] == {n} and not {after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(*a, **k)
+    if count[0] == {n} and {after}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+
+os.rename = rename
+ck = pj.AdapterCheckpointer({d!r})
+ck.save(2, params, opt_state)
+ck.wait_until_finished()
+print("renames", count[0])
+"""
+
+
+def test_checkpointer_killed_during_save_restores_a_whole_step(tmp_path):
+    import optax
+
+    old_tree, new_tree = adapter_tree(2, 4, 0), adapter_tree(2, 4, 1)
+    opt = optax.adam(1e-2)
+    kills = [(2, False), (4, False), (4, True)]  # Orbax commits at its 4th (last) rename
+    dirs = []
+    for i, _ in enumerate(kills):
+        d = tmp_path / f"ck{i}"
+        with pj.AdapterCheckpointer(d) as ck:
+            ck.save(1, old_tree, opt.init(pj.partition(old_tree)[0]))
+        dirs.append(d)
+    scripts = [
+        _CKPT_CHILD.format(root=str(ROOT), n=n, after=after, d=str(d))
+        for (n, after), d in zip(kills, dirs)
+    ]
+    results = _run_children(scripts)
+    like = opt.init(pj.partition(old_tree)[0])
+    for (n, after), d, res in zip(kills, dirs, results):
+        assert res.returncode == -9, (n, res.stderr[-2000:])
+        with pj.AdapterCheckpointer(d) as ck:
+            params, _, step = ck.restore(old_tree, like)
+        want = new_tree if after else old_tree
+        assert step == (2 if after else 1), (n, after, step)
+        assert same_state(adapter_state(params), adapter_state(want)), (n, after)
+
+
+# ---------------------------------------------------------------------------------- 7. strict
+
+
+def test_strict_names_targeted_modules_the_file_lacks(tmp_path):
+    params = base_of("lora_linear")
+    snap = tree_snapshot(params)
+    for targets in (["fc1", "fc2"], "fc.", "all-linear"):
+        d = copy_fixture("lora_linear", tmp_path / str(len(str(targets))))
+        t = load_file(str(d / pio.WEIGHTS_NAME))
+        save_file(
+            {k: v for k, v in t.items() if ".fc2." not in k},
+            str(d / pio.WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
+        _config_edit(target_modules=targets)(d)
+        before = dir_bytes(d)
+        with pytest.raises(pj.FormatError, match=r"adapter_config\.json.*\['fc2'\]"):
+            pio.load_pretrained(params, d)
+        assert dir_bytes(d) == before
+        loaded = pio.load_pretrained(params, d, strict=False)
+        assert pj.targeted_modules(loaded) == ["fc1"]
+    assert_tree_unchanged(params, snap)
+
+
+# ---------------------------------------------------------------------------------- 8. embeddings
+
+
+def test_embedding_base_layers_round_trip(tmp_path):
+    d = copy_fixture("lora_embedding", tmp_path)
+    t = load_file(str(d / pio.WEIGHTS_NAME))
+    vocab = np.arange(50 * 16, dtype=np.float32).reshape(50, 16) / 7
+    key = pio.PREFIX + "emb.base_layer.weight"
+    save_file({**t, key: vocab}, str(d / pio.WEIGHTS_NAME), metadata={"format": "pt"})
+    info = pio.inspect_adapter(d)
+    assert info["embedding_layers"] == ["emb"] and info["modules_to_save"] == []
+    assert info["targets"] == ["emb"]
+    tensors = pio.read_adapter(d)[1]
+    assert pio.embedding_base_keys(tensors, "LORA") == {"emb.weight": key}
+    params = base_of("lora_embedding")
+    loaded = pio.load_pretrained(params, d)
+    out = pio.save_pretrained(loaded, tmp_path / "back")
+    got, _ = pio.read_safetensors(out / pio.WEIGHTS_NAME)
+    want = load_file(str(d / pio.WEIGHTS_NAME))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].tobytes() == want[k].tobytes(), k
+    # save_embedding_layers=False drops them; True writes them for a fresh adapter too
+    pio.save_pretrained(loaded, tmp_path / "no", save_embedding_layers=False)
+    assert key not in pio.read_safetensors(tmp_path / "no" / pio.WEIGHTS_NAME)[0]
+    fresh = pj.inject(params, pj.LoraConfig(r=2, target_modules=["emb"]), key=jax.random.key(0))
+    pio.save_pretrained(fresh, tmp_path / "auto")
+    assert key not in pio.read_safetensors(tmp_path / "auto" / pio.WEIGHTS_NAME)[0]
+    pio.save_pretrained(fresh, tmp_path / "yes", save_embedding_layers=True)
+    yes = pio.read_safetensors(tmp_path / "yes" / pio.WEIGHTS_NAME)[0]
+    np.testing.assert_array_equal(yes[key], np.asarray(params["emb"]["embedding"]))
+
+
+# ---------------------------------------------------------------------------------- 9. checkpoints
+
+
+def test_checkpointer_with_a_relative_directory(tmp_path, monkeypatch):
+    import optax
+
+    monkeypatch.chdir(tmp_path)
+    params = adapter_tree()
+    opt_state = optax.adam(1e-2).init(pj.partition(params)[0])
+    ckpt = pj.AdapterCheckpointer("runs/ckpt", max_to_keep=3)
+    assert Path(str(ckpt.directory)).is_absolute()
+    ckpt.save(3, params, opt_state)
+    got, _, step = ckpt.restore(params, opt_state)
+    ckpt.close()
+    assert step == 3 and same_state(adapter_state(got), adapter_state(params))
+    assert sorted(os.listdir(tmp_path / "runs" / "ckpt")) == ["3"]
