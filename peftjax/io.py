@@ -36,8 +36,29 @@ adapter stands for one PEFT module per layer (`stacked_key_map`). The same ``key
 `save_pretrained` and `load_pretrained` (which inverts it over the modules of ``params``).
 
 The safetensors format is read and written here directly (an 8-byte header length, a JSON
-header, the raw little-endian bytes), so that bfloat16 works without torch; files are written
-to a temporary file in the same directory and moved into place, never half-written.
+header, the raw little-endian bytes), so that bfloat16 works without torch.
+
+What the loaders (`load_pretrained`, `read_adapter`, `inspect_adapter`, `read_safetensors`)
+refuse, each with a `FormatError` / `ConfigError` naming the file, key or field:
+
+* a safetensors file the reference implementation (safetensors 0.8) refuses: a header over
+  100,000,000 bytes or past the file's end, non-UTF-8 or non-JSON headers, a ``__metadata__``
+  that is not a str -> str map, unknown dtypes, shapes that are not non-negative integers,
+  offsets that do not tile the data exactly (gaps, overlaps, trailing bytes), sizes that do not
+  match ``prod(shape) * itemsize``; the header is checked against the file size before any data
+  is read (`_parse_header` lists the rules);
+* anything but regular files (devices, FIFOs, sockets) and symlinks leading outside the adapter
+  directory (an HF hub cache snapshot's ``blobs/`` is inside), before a byte is read; a config
+  larger than ``_fs.MAX_JSON_BYTES``; adapter names that are not plain file names;
+* integer (or other non-float) adapter tensors; pickle-only adapters;
+* an invalid regex in any pattern field of the config;
+* a weights file whose ``peftjax.config_sha256`` metadata does not match the config (files of
+  two different saves), and, with ``strict=True``, modules the config targets in ``params``
+  that the file has no weights for.
+
+`save_pretrained` replaces the weights and the config as one journalled change (see "adapter
+dirs" below): a crash at any point leaves the complete old or the complete new adapter, as
+peftjax reads it, and no temp files behind.
 """
 
 from __future__ import annotations
@@ -89,12 +110,17 @@ from .transforms import _modules, _walk, _weight_leaf, inject
 
 __all__ = [
     "CONFIG_NAME",
+    "DIGEST_KEY",
+    "JOURNAL_NAME",
     "PREFIX",
     "WEIGHTS_NAME",
+    "config_digest",
+    "embedding_base_keys",
     "inspect_adapter",
     "load_pretrained",
     "read_adapter",
     "read_safetensors",
+    "read_safetensors_header",
     "save_pretrained",
     "stacked_key_map",
     "write_safetensors",
