@@ -472,7 +472,8 @@ def _merge_shard(src, dst, adapted, mods, kinds, replace, base_w, safe, done_rep
         if mod in todo and param in ("weight", "bias"):
             todo.discard(mod)
             pending.update(_merge_module(adapted, mod, kinds[mod], shard, base_w, safe, src))
-            return pending.pop(key)
+            if key in pending:  # else a bias the method leaves alone (LoRA), written below
+                return pending.pop(key)
         if key in base_w:  # a base-layer weight of a module the adapter does not change
             return np.asarray(jnp.asarray(base_w[key]).astype(shard[key].dtype))
         if key in replace:

@@ -1522,6 +1522,7 @@ def load_pretrained(
     dtype=jnp.float32,
     strict: bool = True,
     activate: bool | None = None,
+    is_trainable: bool = True,
 ):
     """``params`` with adapter ``name`` injected from an HF PEFT adapter directory.
 
@@ -1541,6 +1542,10 @@ def load_pretrained(
       dtype: dtype of the adapter arrays (float32, as PEFT).
       strict: raise when the file has keys that match no module or lacks a targeted array.
       activate: as `inject` (default: active when it is the first adapter).
+      is_trainable: PEFT's ``PeftModel.from_pretrained(..., is_trainable=)``: ``False`` loads the
+        adapter frozen (0 trainable parameters, see `pj.set_trainable`). The default is ``True``,
+        unlike PEFT's, so that "load, then keep training" works as written; the files' own
+        ``inference_mode: true`` (which every PEFT save writes) does not freeze it.
 
     Raises:
       FormatError: missing, truncated or pickle-only files, unknown ``peft_type``, keys that match
@@ -1631,7 +1636,13 @@ def load_pretrained(
         kw["feedforward_modules"] = f"(?:{_exact(ff)})" if ff else None
     inner = dataclasses.replace(config, **kw)
     new, concrete = _inject_shapes(
-        params, inner, name=name, layouts=layouts, dtype=dtype, activate=activate
+        params,
+        inner,
+        name=name,
+        layouts=layouts,
+        dtype=dtype,
+        activate=activate,
+        trainable=bool(is_trainable),
     )
 
     used: set[str] = set()

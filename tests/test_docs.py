@@ -6,6 +6,7 @@ import pkgutil
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import peftjax
@@ -13,9 +14,13 @@ import peftjax
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_quickstart_runs_as_written(capsys):
+def _blocks(lang: str) -> list[str]:
     text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_quickstart_runs_as_written(capsys):
+    blocks = _blocks("python")
     assert blocks, "README has no python block"
     quickstart = blocks[0]
     assert len(quickstart.strip().splitlines()) <= 17
@@ -23,6 +28,64 @@ def test_readme_quickstart_runs_as_written(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("trainable params: ")
     assert float(out[-1]) < 1e-4  # merged model == adapted forward
+
+
+def _hf_checkpoint(base, out: Path) -> None:
+    """An HF-style safetensors checkpoint (torch layouts) of the quickstart's plain params."""
+    from peftjax.io import write_safetensors
+
+    tensors = {}
+    for mod, leaves in base["params"].items():
+        tensors[f"{mod}.weight"] = np.asarray(leaves["kernel"]).T
+        tensors[f"{mod}.bias"] = np.asarray(leaves["bias"])
+    out.mkdir()
+    write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})
+    (out / "config.json").write_text("{}")
+
+
+def test_every_readme_block_runs_in_order(tmp_path, monkeypatch, capsys):
+    """All python blocks run in one namespace, in a fresh cwd (relative paths as written); then
+    every ``peftjax ...`` line of the bash blocks (past the two set-up commands) runs through
+    the CLI against what the python blocks made."""
+    from peftjax import io
+    from peftjax.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for i, block in enumerate(_blocks("python")):
+        exec(compile(block, f"README.md python block {i}", "exec"), ns)
+    capsys.readouterr()
+    _hf_checkpoint(ns["base"], tmp_path / "hf-model")
+    lines = [
+        line.split("#")[0].split()
+        for block in _blocks("bash")
+        for line in block.splitlines()
+        if line.startswith("peftjax ")
+    ]
+    assert [l[1] for l in lines] == ["inspect", "merge"], lines
+    for argv in lines:
+        assert main(argv[1:]) == 0, argv
+    out = capsys.readouterr().out
+    assert "method:" in out and "lora" in out
+    # the merged checkpoint is the merged model, in torch layout
+    merged, _ = io.read_safetensors(tmp_path / "merged" / "model.safetensors")
+    want = pj_merge(ns)
+    for mod, leaves in want["params"].items():
+        np.testing.assert_allclose(
+            merged[f"{mod}.weight"], np.asarray(leaves["kernel"]).T, atol=1e-6
+        )
+        # LoRA leaves biases alone (and `bias` is written before `weight`)
+        np.testing.assert_array_equal(merged[f"{mod}.bias"], np.asarray(leaves["bias"]))
+    assert (tmp_path / "merged" / "config.json").read_text() == "{}"
+
+
+def pj_merge(ns):
+    return ns["pj"].merge_and_unload(ns["loaded"])
+
+
+def test_readme_has_no_placeholder():
+    text = (ROOT / "README.md").read_text()
+    assert "TESTTIME" not in text and "TODO" not in text
 
 
 def test_readme_setup_commands_are_the_ci_commands():

@@ -768,3 +768,19 @@ def test_checkpointer_with_a_relative_directory(tmp_path, monkeypatch):
     ckpt.close()
     assert step == 3 and same_state(adapter_state(got), adapter_state(params))
     assert sorted(os.listdir(tmp_path / "runs" / "ckpt")) == ["3"]
+
+
+def test_load_pretrained_is_trainable(tmp_path):
+    """PEFT's files always say ``inference_mode: true``; that alone does not freeze a loaded
+    adapter (training after a load keeps working), ``is_trainable=False`` does (PEFT's default)."""
+    p = {"q": {"kernel": jnp.ones((4, 6)), "bias": jnp.zeros(6)}}
+    a = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q"]), key=jax.random.key(0))
+    pj.save_pretrained(a, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["inference_mode"] is True
+    live = pj.load_pretrained(p, tmp_path)
+    frozen = pj.load_pretrained(p, tmp_path, is_trainable=False)
+    assert pj.count_parameters(live)[0] == 2 * (4 + 6)
+    assert pj.count_parameters(frozen)[0] == 0
+    assert jax.tree_util.tree_leaves(pj.partition(frozen)[0]) == []
+    # frozen still acts in the forward pass, and set_trainable unfreezes it
+    assert pj.count_parameters(pj.set_trainable(frozen, "default"))[0] == 2 * (4 + 6)
