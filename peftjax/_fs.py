@@ -63,7 +63,9 @@ def _inside(p: Path, roots: Iterable[Path]) -> bool:
 def check_plain_name(name, what: str) -> str:
     """``name`` if it is a single, plain path component; `FormatError` naming ``what`` if not."""
     if not isinstance(name, str):
-        raise FormatError(f"{what}: expected a file name (str), got {type(name).__name__} {name!r}.")
+        raise FormatError(
+            f"{what}: expected a file name (str), got {type(name).__name__} {name!r}."
+        )
     bad = (
         not name
         or name in (".", "..")

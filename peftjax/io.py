@@ -474,16 +474,12 @@ def read_safetensors(
 
 
 def _atomic_write(path: Path, chunks) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write one file atomically: a fsynced peftjax temp file renamed over ``path``."""
+    tmp = path.parent / _write_temp(path.parent, path.name, chunks)
     try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
 

@@ -140,6 +140,23 @@ def make_stacked(seed: int = 4, dtype=jnp.float32):
     }
 
 
+def make_gpt2(n_embd: int = 32, n_head: int = 4, n_layer: int = 1, vocab: int = 64, seed: int = 0):
+    """``(model, params)``: transformers' FlaxGPT2LMHeadModel from a tiny config, random weights
+    (N(0, 0.2)); its Conv1D kernels are stored ``(out, in)``."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=16, n_embd=n_embd, n_layer=n_layer, n_head=n_head
+    )
+    gm = transformers.FlaxGPT2LMHeadModel(cfg, _do_init=False)
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)),
+        gm.params_shape_tree,
+    )
+    return gm, params
+
+
 @pytest.fixture
 def llama():
     return make_llama()

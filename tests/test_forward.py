@@ -21,6 +21,7 @@ from jax.extend import core as jcore
 
 import peftjax as pj
 import peftjax.forward as pjf
+from tests.conftest import make_gpt2
 
 F32 = jnp.float32
 
@@ -524,15 +525,7 @@ def test_transformers_flax_gpt2_transposed_kernels_exact(fallbacks):
     """GPT-2's Flax Conv1D keeps ``(out, in)`` kernels: without ``transposed=True`` the adapter
     would have the wrong orientation (`pj.apply` refuses); with it, and with the tied ``wte``
     (whose lm_head use falls back), the result is exact."""
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
-    gm = transformers.FlaxGPT2LMHeadModel(cfg, _do_init=False)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)),
-        gm.params_shape_tree,
-    )
+    gm, params = make_gpt2(n_embd=32, n_head=4)
     ids = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     cfg = pj.LoraConfig(r=2, target_modules=["c_attn", "wte"], init_lora_weights=False)
     f = lambda p, ids: gm(ids, params=p).logits

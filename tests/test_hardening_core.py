@@ -16,7 +16,14 @@ import pytest
 from flax import linen as nn
 
 import peftjax as pj
-from tests.conftest import assert_trees_close, assert_trees_equal, assert_unchanged, nodes, snapshot
+from tests.conftest import (
+    assert_trees_close,
+    assert_trees_equal,
+    assert_unchanged,
+    make_gpt2,
+    nodes,
+    snapshot,
+)
 
 KEY = jax.random.key(0, impl="unsafe_rbg")
 LORA = pj.LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False)
@@ -352,16 +359,7 @@ def test_layout_keys_that_match_nothing_are_refused():
 
 @pytest.fixture(scope="module")
 def gpt2():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-    gm = transformers.FlaxGPT2LMHeadModel(cfg, _do_init=False)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)),
-        gm.params_shape_tree,
-    )
-    return gm, params
+    return make_gpt2(n_embd=16, n_head=2)
 
 
 def test_flax_gpt2_out_in_kernels_need_transposed_layouts(gpt2):
