@@ -256,14 +256,19 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     x_free = [d for d in range(x.ndim) if d not in xc]
     n_in_flat, n_out_flat = spec0.in_out
     free_shape = [x.shape[d] for d in x_free]
-    x2 = jnp.transpose(x, x_free + x_c).reshape(*free_shape, n_in_flat)
+    # Every leading (token) axis is flattened into one: the adapter rules see 2-D ``(tokens, in)``
+    # and ``(tokens, out)`` matrices. On 3-D activations XLA:CPU lowers the weight gradients of
+    # the skinny factors (``x^T @ g`` contracting batch *and* sequence) through full-size
+    # transposed copies of the activations, which made a LoRA step on MLP / all-linear targets
+    # 2-3x its floor (benchmarks/NOTES.md, benchmarks/xla_skinny_dots.py); 2-D dots have none.
+    x2 = jnp.transpose(x, x_free + x_c).reshape(-1, n_in_flat)
     n_out_axes = ndim - n_in
     if rt:  # out = (*x_free, *w_out)
-        y2 = out.reshape(*free_shape, n_out_flat)
+        y2 = out.reshape(-1, n_out_flat)
     else:  # out = (*w_out, *x_free)
         nf = len(free_shape)
         perm = list(range(n_out_axes, n_out_axes + nf)) + list(range(n_out_axes))
-        y2 = jnp.transpose(out, perm).reshape(*free_shape, n_out_flat)
+        y2 = jnp.transpose(out, perm).reshape(-1, n_out_flat)
     w2 = None
     for spec, arrays, scale in b.items:
         if spec.needs_base_output and w2 is None:

@@ -106,10 +106,13 @@ class LoraSpec(Spec):
     def linear_forward(self, x2, y2, arrays, w2, scale, rng):
         a, b = self.a_matrix(arrays["lora_A"]), arrays["lora_B"]
         xd = dropout(x2.astype(a.dtype), self.lora_dropout, rng)
+        if not self.use_dora:
+            # the scale multiplies the rank-wide ``x @ A`` (tokens x r), not the output
+            lora = ((xd @ a) * scale.astype(a.dtype)) @ b
+            acc = jnp.promote_types(y2.dtype, lora.dtype)
+            return (y2.astype(acc) + lora).astype(y2.dtype)
         lora = (xd @ a) @ b
         acc = jnp.promote_types(y2.dtype, lora.dtype)
-        if not self.use_dora:
-            return (y2.astype(acc) + lora * scale.astype(lora.dtype)).astype(y2.dtype)
         w32 = w2.astype(jnp.float32)
         norm = jax.lax.stop_gradient(_col_norm(w32 + self.delta_matrix(arrays, scale)))
         g = arrays["lora_magnitude_vector"] / norm
