@@ -11,8 +11,9 @@ Each step is an Orbax ``CheckpointManager`` step directory holding three items::
       opt_state/   Orbax standard pytree: the optimizer state's leaves, nested by key path
                    (absent when no optimizer state was saved, or it has no arrays)
       metadata/    JSON: format, peftjax version, step, adapter names, active names, every
-                   adapter leaf's module / leaf / adapter / param / shape / dtype, the optimizer
-                   state's leaves, and the user's ``extra``
+                   adapter leaf's module / leaf / adapter / param / shape / dtype (and, for a
+                   stacked adapter stored compact, the ``layers`` its arrays hold), the
+                   optimizer state's leaves, and the user's ``extra``
 
 Module paths are peftjax's (``layers.0.attn.q_proj``; a leading linen ``params`` collection is
 dropped), so a checkpoint taken from ``{"params": tree}`` restores into ``tree`` and back. The
@@ -92,6 +93,15 @@ def _own_sharding(x):
 
 
 # --------------------------------------------------------------------------- adapter entries
+
+
+def _layers_field(e: dict) -> dict:
+    """``{"layers": [...]}`` for an array of a compact stacked adapter (`Spec.layers`), else
+    ``{}`` (metadata of full-stack and unstacked adapters is as before)."""
+    node = e["node"]
+    spec = node.spec(e["adapter"]) if e["adapter"] in node.names else None
+    layers = getattr(spec, "layers", None)
+    return {} if layers is None else {"layers": [int(i) for i in layers]}
 
 
 def _adapter_entries(params, arrays_of) -> list[dict]:
@@ -284,6 +294,8 @@ class AdapterCheckpointer:
                     param=e["param"],
                     shape=list(np.shape(e["value"])),
                     dtype=str(np.dtype(e["value"].dtype)),
+                    # a stacked adapter stored compact: which layer slices its arrays hold
+                    **_layers_field(e),
                 )
                 for e in entries
             ],
@@ -492,7 +504,16 @@ class AdapterCheckpointer:
                 raise ShapeError(
                     f"{where}: adapter {name!r} array {param!r} has shape {tuple(d['shape'])} "
                     f"in the checkpoint but {tuple(e['value'].shape)} in `params` (different "
-                    "rank or base shape?)."
+                    "rank or base shape, or other `layers_to_transform` on a stacked weight: only "
+                    "its transformed layer slices are stored?)."
+                )
+            mine, theirs = _layers_field(e).get("layers"), d.get("layers")
+            if mine != theirs:
+                raise ShapeError(
+                    f"{where}: adapter {name!r} array {param!r} holds the stacked layer slices "
+                    f"{theirs if theirs is not None else 'all'} in the checkpoint but "
+                    f"{mine if mine is not None else 'all'} in `params`; inject the same "
+                    "`layers_to_transform` as when saving before restoring."
                 )
             if name in e["node"].merged:
                 raise MergeError(

@@ -15,7 +15,9 @@ How it works (a small jaxpr interpreter, public JAX API only: ``jax.make_jaxpr``
    a ``conv_general_dilated`` with an adapted kernel runs LoRA as PEFT does, ``conv(x, A) @ B``.
 3. ``jit`` calls are inlined; ``scan`` (``nn.scan``, ``nnx.scan``, ``lax.scan``) is re-issued with
    ``jax.lax.scan`` whose body is interpreted, the stacked adapter arrays entering as extra
-   ``xs`` (so no per-adapter copy of the stacked base is made); ``remat`` is re-issued with
+   ``xs`` (so no per-adapter copy of the stacked base is made; arrays stored for only some
+   layers, ``layers_to_transform``, are first expanded to every layer with scale ``0`` on the
+   others, `Spec.expand`); ``remat`` is re-issued with
    ``jax.checkpoint`` around the interpreted body.
 4. Any other use of a tagged value (transposed or sliced weight, ``custom_jvp``/``custom_vjp``,
    ``while``/``cond``, a returned weight...) gets the effective weight ``W + dW`` built at that
@@ -86,14 +88,16 @@ class _Tag:
 
 
 def _effective(binding: _Binding, w, dtype):
-    """``W`` with every pending adapter merged (float32 math, cast once): the fallback."""
+    """``W`` with every pending adapter merged (float32 math, cast once): the fallback.
+
+    A binding's arrays are full-stack (`Spec.expand`), so the stack axes left are walked here
+    with the layer rule and the binding's per-layer scales, not with `Spec.merge` (which takes
+    an adapter's stored, possibly compact, arrays)."""
     w32 = w.astype(jnp.float32)
     for spec, arrays, scale in binding.items:
-        if binding.stack_left == spec.layout.stack:
-            w32 = spec.merge(w32, arrays)[0]
-        elif binding.stack_left == 0:
+        if binding.stack_left == 0:
             w32 = spec.merge_layer(w32, arrays, scale)[0]
-        else:  # partially sliced stack: vmap the layer rule over what is left
+        else:  # the stack axes left (all of them, or those no enclosing scan sliced)
             n = int(np.prod(w.shape[: binding.stack_left]))
             lw = w32.reshape((n,) + spec.layer_shape)
             la = {k: v.reshape((n,) + v.shape[binding.stack_left :]) for k, v in arrays.items()}
@@ -473,7 +477,8 @@ def _prepare(args_tree):
                 f = _ia3_bias_factor(groups[l.module], node, name).reshape(value.shape)
                 value = (value.astype(jnp.float32) * f).astype(value.dtype)
             else:
-                items.append((spec, arrays, _scale_of(spec)))
+                # full-stack arrays (compact ones expanded): the scan ``xs`` need every layer
+                items.append((spec, spec.expand(arrays), _scale_of(spec)))
         if items and any(isinstance(s, CopySpec) for _, s, _ in pend):
             # a copy plus other adapters on one leaf: just build the effective weight
             value, items = _effective(_binding(i, value, items), value, value.dtype), []

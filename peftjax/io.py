@@ -922,17 +922,11 @@ def _map(key_map: KeyMap, path: str, layer: int | None) -> str:
 
 
 def _layers(spec: Spec) -> list[int | None]:
-    """Layer indices of a spec that carry the adapter (``[None]`` when not stacked)."""
+    """Layer indices of a spec that carry the adapter (``[None]`` when not stacked): the stored
+    slices (`Spec.layers`) with a nonzero scaling."""
     if not spec.layout.stack:
         return [None]
-    return [i for i, s in enumerate(spec.scaling) if s != 0]
-
-
-def _layer(a: np.ndarray, spec: Spec, i: int | None) -> np.ndarray:
-    if i is None:
-        return a
-    st = spec.layout.stack
-    return a.reshape((-1, *a.shape[st:]))[i]
+    return [i for i in spec.stored_layers if spec.scaling[i] != 0]
 
 
 @dataclasses.dataclass
@@ -1027,8 +1021,9 @@ def _collect(
         for i in _layers(spec):
             pm = _map(key_map, leaf.module, i)
             entries.append(_Entry(pm, leaf.module, i, spec))
+            layer = host if i is None else spec.layer_arrays(host, i)  # stored slice of layer i
             for arr_name, (suffix, rule) in rules.items():
-                put(f"{PREFIX}{pm}.{suffix}", rule.to_torch(_layer(host[arr_name], spec, i)), where)
+                put(f"{PREFIX}{pm}.{suffix}", rule.to_torch(layer[arr_name]), where)
     return tensors, entries, copies
 
 
@@ -1756,18 +1751,26 @@ def _from_file(key: str, t: np.ndarray, rule: _Rule, shape: tuple[int, ...]) -> 
 
 
 def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing, module, dtype):
-    """One node's arrays of the loaded adapter, from the file (all layers), and its spec with the
-    scaling of each layer (``0`` for stacked layers the file does not have)."""
+    """One node's arrays of the loaded adapter, from the file, and its spec. A stacked weight
+    gets exactly the layers the file has: `Spec.layers` lists them when some are absent (their
+    arrays compact, their scaling ``0``). A layer the file has but that lacks an array
+    (``strict=False``) takes `inject`'s initial value for it."""
     rules = _rules(spec)
     stack = spec.layout.stack_shape(spec.shape)
     n = math.prod(stack) if stack else 1
-    idx = [None] if not stack else list(range(n))
+    idx = [None] if not stack else [i for i in range(n) if i in layers]
+    if stack and len(idx) < n:
+        spec = dataclasses.replace(
+            spec,
+            scaling=tuple(s if i in layers else 0.0 for i, s in enumerate(spec.scaling)),
+            layers=tuple(idx),
+        )
     base = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
     shapes = jax.eval_shape(lambda b: spec.init(jax.random.key(0), b, dtype), base)
     arrays = {}
     for arr_name, (suffix, rule) in rules.items():
         shape = tuple(shapes[arr_name].shape)
-        layer_shape = shape[len(stack) :]
+        layer_shape = shape[len(stack) :] if not spec.compact else shape[1:]
         parts: list[np.ndarray | None] = []
         for i in idx:
             k = layers.get(i, {}).get(suffix)
@@ -1778,13 +1781,14 @@ def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing,
                 continue
             parts.append(_from_file(k, tensors[k], rule, layer_shape))
             used.add(k)
-        if any(p is None for p in parts):
+        if any(p is None for p in parts):  # `inject`'s values (a full stack: its layer i)
             fallback = np.asarray(init()[arr_name]).reshape((n, *layer_shape))
-            parts = [fallback[j] if p is None else p for j, p in enumerate(parts)]
+            parts = [fallback[i or 0] if p is None else p for i, p in zip(idx, parts)]
         stacked = np.stack(parts).reshape(shape) if stack else parts[0]
         arrays[arr_name] = jnp.asarray(stacked, dtype)
     if scales is not None:
-        new = tuple(float(scales.get(i, 0.0)) if i in layers else 0.0 for i in idx)
+        every = range(n) if stack else [None]
+        new = tuple(float(scales.get(i, 0.0)) if i in layers else 0.0 for i in every)
         if new != tuple(spec.scaling):
             spec = dataclasses.replace(spec, scaling=new)
     return spec, arrays

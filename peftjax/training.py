@@ -6,9 +6,10 @@ pytree), so ``jax.grad`` and ``optimizer.init`` see adapter-sized trees and neve
 gradient or optimizer state for a frozen weight. `combine` is its exact inverse.
 
 Adapters marked frozen (``inference_mode=True``, `pj.set_trainable`) are never trainable.
-Parameter counts follow HF PEFT's: a stacked (scanned) weight's layer slices that
-``layers_to_transform`` excluded (scaling 0) carry arrays here but no adapter in PEFT, so they
-are not counted.
+Parameter counts follow HF PEFT's, and are the sizes of the stored arrays: a stacked (scanned)
+weight's layer slices that ``layers_to_transform`` excluded have no arrays (compact storage,
+`peftjax.methods.base`), as PEFT has no adapter there; their gradients and optimizer state
+(from ``partition(params)[0]``) do not exist either.
 """
 
 from __future__ import annotations
@@ -152,30 +153,25 @@ def _size(x) -> int:
     return int(np.prod(getattr(x, "shape", ()))) if x is not None else 0
 
 
-def _adapter_size(arrays, spec=None) -> int:
+def _adapter_size(arrays) -> int:
     """Parameters of one adapter's arrays as PEFT counts them: DoRA's cached ``weight_norm``
-    is not a parameter, and on a stacked weight only the layer slices with a nonzero scaling
-    count (PEFT has no adapter on the layers ``layers_to_transform`` left out)."""
+    is not a parameter. Excluded layers of a stacked weight store no arrays, so add nothing."""
     if not arrays:
         return 0
-    n = sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
-    if spec is not None and spec.layout.stack and len(spec.scaling) > 1:
-        on = sum(1 for s in spec.scaling if s != 0)
-        n = n * on // len(spec.scaling)
-    return n
+    return sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
 
 
 def count_parameters(params) -> tuple[int, int]:
     """``(trainable, all)`` parameter counts, as HF PEFT's ``get_nb_trainable_parameters``:
     all = base weights plus every adapter's arrays; trainable = active, unmerged adapters that
-    are not frozen. Stacked layer slices excluded by ``layers_to_transform`` are not counted."""
+    are not frozen. Stacked layer slices excluded by ``layers_to_transform`` store nothing."""
     trainable = total = 0
     for x in jax.tree_util.tree_leaves(params, is_leaf=is_adapted):
         if is_adapted(x):
             live = _live(x)
             total += _size(x.base)
-            for n, spec in x.specs:
-                size = _adapter_size(x.arrays.get(n), spec)
+            for n in x.names:
+                size = _adapter_size(x.arrays.get(n))
                 total += size
                 trainable += size if n in live else 0
         else:
@@ -211,7 +207,7 @@ def summary(params, print_fn=print) -> str:
             continue
         base = f"{node.base.dtype}{list(node.base.shape)}"
         for n, spec in node.specs:
-            count = _adapter_size(node.arrays[n], spec)
+            count = _adapter_size(node.arrays[n])
             state = "merged" if n in node.merged else ("active" if n in node.active else "off")
             state += ", frozen" if n in node.frozen else ""
             rows.append((l.module, l.name, base, f"{n}: {spec.describe()}", f"{count:,d}", state))

@@ -215,7 +215,9 @@ def _specs_for(config: AdapterConfig, module: str, layout: Layout, shape, mask, 
     else:
         s = 1.0
     scaling = tuple(float(s) if on else 0.0 for on in (mask if mask is not None else [True] * nl))
-    common = dict(layout=layout, shape=tuple(shape), scaling=scaling)
+    # a stacked weight with some slices excluded stores only the others (compact, see Spec)
+    layers = None if mask is None or all(mask) else tuple(i for i, on in enumerate(mask) if on)
+    common = dict(layout=layout, shape=tuple(shape), scaling=scaling, layers=layers)
     if method == "lora":
         return LoraSpec(
             **common,
@@ -711,9 +713,10 @@ def _ia3_bias_factor(group: list[_Leaf], bias_node: Adapted, name: str):
             if not o_spec.layout.stack:
                 return o_spec.bias_vector(arrays, o_spec.scaling[0])
             # per layer: the layer's own ia3_l, or ones where layers_to_transform turned it off
-            flat = {"ia3_l": arrays["ia3_l"].reshape(o_spec.n_layers, -1)}
+            full = o_spec.expand(arrays)["ia3_l"]
+            flat = {"ia3_l": full.reshape(o_spec.n_layers, -1)}
             vec = jax.vmap(o_spec.bias_vector)(flat, o_spec.scale_array())
-            return vec.reshape(arrays["ia3_l"].shape)
+            return vec.reshape(full.shape)
     raise MergeError(f"IA3 bias owner `{spec.owner}` not found")
 
 

@@ -312,6 +312,10 @@ def test_stacked_unselected_layers_unchanged(case):
     p, q = injected(case)
     merged = pj.merge_and_unload(randomize(q, seed=5))
     sel = case.stacked_layers
+    # only the transformed layer slices are stored (compact), one leading axis of len(sel)
+    node = q["params"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert node.spec(node.names[0]).layers == tuple(sel)
+    assert {v.shape[0] for v in node.arrays[node.names[0]].values()} == {len(sel)}
     for path in (("mlp", "down_proj"),):
         a = np.asarray(merged["params"]["layers"][path[0]][path[1]]["kernel"])
         b = np.asarray(p["params"]["layers"][path[0]][path[1]]["kernel"])

@@ -139,12 +139,14 @@ def test_lora_stacked_per_layer():
     node = mods["layers.mlp.down_proj"]
     assert node.spec("default").scaling == (0.0, 2.0, 0.0)
     a = arrays64(node)
-    assert a["lora_A"].shape == (3, 24, 2) and a["lora_B"].shape == (3, 2, 16)
+    # only the transformed layer is stored (compact): one slice, layer 1
+    assert node.spec("default").layers == (1,)
+    assert a["lora_A"].shape == (1, 24, 2) and a["lora_B"].shape == (1, 2, 16)
     got = np.asarray(pj.merge_and_unload(q)["params"]["layers"]["mlp"]["down_proj"]["kernel"])
     w = f64(p["params"]["layers"]["mlp"]["down_proj"]["kernel"])
     np.testing.assert_array_equal(got[0], w[0])
     np.testing.assert_array_equal(got[2], w[2])
-    want = w[1] + ref.lora_delta(a["lora_A"][1], a["lora_B"][1], 2.0)
+    want = w[1] + ref.lora_delta(a["lora_A"][0], a["lora_B"][0], 2.0)
     np.testing.assert_allclose(got[1], want, rtol=RTOL, atol=ATOL)
 
 

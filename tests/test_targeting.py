@@ -177,6 +177,8 @@ def test_stacked_layer_filter():
     assert sorted(mods) == ["layers.self_attn.q_proj", "layers.self_attn.v_proj"]
     for node in mods.values():
         assert node.spec("default").scaling == (4.0, 0.0, 4.0)  # alpha 8 / r 2
+        assert node.spec("default").layers == (0, 2)  # layer 1 stores nothing
+        assert node.arrays["default"]["lora_A"].shape[0] == 2
 
 
 def test_all_linear_with_layouts():

@@ -6,6 +6,28 @@ kept in the pytree's aux data; the adapter's arrays are pytree children. Specs h
 All per-layer rules work on one layer's weight (stack axes removed) and receive ``scale``, a
 scalar that may be traced: it is the layer's scaling factor, and ``0`` for a layer excluded by
 ``layers_to_transform`` (the rule then must leave that layer's weight exactly unchanged).
+
+**Stacked weights with ``layers_to_transform`` are stored compact.** On a stacked (scanned)
+weight of ``n`` layer slices (the stack axes flattened in row-major order, any ``layout.stack``)
+whose adapter covers only some slices, `Spec.layers` lists them (sorted flat indices, ``None``
+= every slice) and each adapter array has one leading axis of ``k = len(layers)`` slices instead
+of the stack axes: excluded layers have no arrays, no gradient, no optimizer state and no
+parameter count (PEFT's count). ``scaling`` stays one factor per layer of the *full* stack
+(``0`` on the excluded ones), so code that reads it is unchanged. Who needs what:
+
+* `init` initialises only the stored slices, each with the same per-layer key (``split(key, n)
+  [i]``) and so the same values as a full stack would give it.
+* `merge` / `unmerge` (`_over_layers`) gather the stored slices of the base, run the layer rule
+  on those ``k`` only and scatter them back: the excluded slices are not touched at all.
+* `expand` gives the full-stack arrays (stack axes leading) for consumers that walk every layer:
+  `pj.apply`'s scan ``xs`` (the scan then sees ``n`` slices, its logic unchanged) and the IA3
+  bias factor. Excluded slices get the method's identity values (`identity`: zeros, or ones for
+  IA3 vectors); their scale is ``0`` and every rule treats scale ``0`` as the identity (LoRA,
+  LoHa, LoKr multiply by it; DoRA and IA3 guard with ``jnp.where(scale != 0, ...)``). It is a
+  scatter of adapter-sized arrays, so its gradient is a gather: only the stored slices get one.
+  Inside the scan the excluded layers still run the adapter's (tiny) factored matmuls with scale
+  ``0``: skipping them would need a ``cond`` per scan step, which costs more than it saves; the
+  base work, the gradients and the optimizer state are what scale with ``k``.
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import ShapeError
 from ..layout import Layout
 
 Arrays = dict[str, Any]
@@ -41,18 +64,49 @@ class Spec:
       carries_base: the adapter brings the module's base weights with it (HF PEFT's
         ``save_embedding_layers``: an adapter file with ``<module>.base_layer.weight`` keys, made
         when a targeted embedding / ``lm_head`` was resized); `save_pretrained` writes them back.
+      layers: for a stacked weight, the (flat, sorted) layer slices that carry the adapter, whose
+        arrays are then stored compact with a leading axis of ``len(layers)`` (module
+        docstring); ``None``: every slice, arrays with the stack axes leading. A tuple naming
+        every slice is normalised to ``None``.
     """
 
     layout: Layout
     shape: tuple[int, ...]
     scaling: tuple[float, ...]
     carries_base: bool = dataclasses.field(default=False, kw_only=True)
+    layers: tuple[int, ...] | None = dataclasses.field(default=None, kw_only=True)
 
     method: ClassVar[str] = "?"
     #: the forward rule reads the base output ``y`` and so must come first in a chain
     needs_base_output: ClassVar[bool] = False
     #: rule has a factored matrix forward (`linear_forward`); otherwise the delta is built
     factored: ClassVar[bool] = True
+    #: fill value of an array's excluded layer slices in `expand` (default ``0``)
+    identity: ClassVar[dict[str, float]] = {}
+
+    def __post_init__(self):
+        if self.layers is None:
+            return
+        layers = tuple(int(i) for i in self.layers)
+        n = self.n_layers
+        if (
+            not self.layout.stack
+            or not layers
+            or list(layers) != sorted(set(layers))
+            or layers[0] < 0
+            or layers[-1] >= n
+        ):
+            raise ShapeError(
+                f"spec `layers={self.layers!r}`: expected sorted, distinct layer indices of a "
+                f"stacked weight of {n} layer slice(s) (shape {self.shape}, {self.layout})."
+            )
+        on = set(layers)
+        if any(s != 0 for i, s in enumerate(self.scaling) if i not in on):
+            raise ShapeError(
+                f"spec `layers={layers}`: a layer outside them has a nonzero scaling "
+                f"{self.scaling}; excluded layer slices have scaling 0."
+            )
+        object.__setattr__(self, "layers", None if len(layers) == n else layers)
 
     # ---- to implement -------------------------------------------------------------------
     def init_layer(self, key, w_layer, scale, dtype) -> Arrays:
@@ -95,14 +149,52 @@ class Spec:
     def in_out(self) -> tuple[int, int]:
         return self.layout.in_out(self.shape)
 
+    @property
+    def stored_layers(self) -> tuple[int, ...]:
+        """Flat indices of the layer slices that have arrays (all of them unless compact)."""
+        return tuple(range(self.n_layers)) if self.layers is None else self.layers
+
+    @property
+    def compact(self) -> bool:
+        """The arrays hold only the `layers` slices, on one leading axis."""
+        return self.layers is not None
+
     def scale_array(self):
+        """The scaling of every layer of the full stack, flat ``(n,)``."""
         return jnp.asarray(np.asarray(self.scaling, np.float32))
+
+    def stored_scales(self):
+        """The scaling of the stored slices, flat ``(k,)``."""
+        return jnp.asarray(np.asarray([self.scaling[i] for i in self.stored_layers], np.float32))
+
+    def expand(self, arrays: Arrays) -> Arrays:
+        """Compact arrays as full-stack arrays (stack axes leading; excluded slices hold
+        `identity` values); anything else is returned as it is. Differentiable: a scatter, whose
+        gradient reaches only the stored slices."""
+        if not self.compact:
+            return arrays
+        stack, idx = self.layout.stack_shape(self.shape), np.asarray(self.layers)
+        out = {}
+        for name, v in arrays.items():
+            full = jnp.full((self.n_layers, *v.shape[1:]), self.identity.get(name, 0), v.dtype)
+            full = full.at[idx].set(v, indices_are_sorted=True, unique_indices=True)
+            out[name] = full.reshape(stack + v.shape[1:])
+        return out
+
+    def layer_arrays(self, arrays: Arrays, i: int) -> Arrays:
+        """The arrays of layer slice ``i`` (a flat index into the full stack; must be stored)."""
+        if not self.layout.stack:
+            return arrays
+        j = self.stored_layers.index(i)
+        st = 1 if self.compact else self.layout.stack
+        return {k: v.reshape((-1, *v.shape[st:]))[j] for k, v in arrays.items()}
 
     def describe(self) -> str:
         return self.method
 
     def init(self, key, base, dtype=jnp.float32) -> Arrays:
-        """Arrays for every stacked layer (stack axes leading), from the base weight."""
+        """Arrays of every stored layer slice (stack axes leading, or one compact axis), from
+        the base weight; layer ``i`` is initialised with ``split(key, n)[i]`` either way."""
         stack = self.layout.stack_shape(self.shape)
         w32 = jnp.asarray(base, jnp.float32)
         if not stack:
@@ -111,16 +203,25 @@ class Spec:
         keys = jax.random.split(key, n)
         flat_w = w32.reshape((n,) + self.layer_shape)
         fn = lambda k, w, s: self.init_layer(k, w, s, dtype)
+        if self.compact:
+            idx = np.asarray(self.layers)
+            return jax.vmap(fn)(keys[idx], flat_w[idx], self.stored_scales())
         out = jax.vmap(fn)(keys, flat_w, self.scale_array())
         return {k: v.reshape(stack + v.shape[1:]) for k, v in out.items()}
 
     def _over_layers(self, fn, w, arrays: Arrays):
-        """Run ``fn(w_layer, arrays_layer, scale) -> (w_layer, arrays_layer)`` on each layer."""
+        """Run ``fn(w_layer, arrays_layer, scale) -> (w_layer, arrays_layer)`` on each stored
+        layer; the base slices of the excluded layers (compact storage) are left as they are."""
         stack = self.layout.stack_shape(self.shape)
         if not stack:
             return fn(w, arrays, jnp.float32(self.scaling[0]))
         n = self.n_layers
         flat_w = w.reshape((n,) + w.shape[len(stack) :])
+        if self.compact:
+            idx = np.asarray(self.layers)
+            out_w, out_a = jax.vmap(fn)(flat_w[idx], arrays, self.stored_scales())
+            flat_w = flat_w.at[idx].set(out_w, indices_are_sorted=True, unique_indices=True)
+            return flat_w.reshape(w.shape), out_a
         flat_a = {k: v.reshape((n,) + v.shape[len(stack) :]) for k, v in arrays.items()}
         out_w, out_a = jax.vmap(fn)(flat_w, flat_a, self.scale_array())
         return out_w.reshape(w.shape), {k: v.reshape(stack + v.shape[1:]) for k, v in out_a.items()}

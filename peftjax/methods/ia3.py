@@ -27,8 +27,10 @@ class IA3Spec(Spec):
     init_weights: bool = True
 
     method: ClassVar[str] = "ia3"
+    identity: ClassVar[dict[str, float]] = {"ia3_l": 1.0}
 
     def __post_init__(self):
+        super().__post_init__()
         if self.layout.kind == "embed":
             raise UnsupportedModuleError(
                 "IA3 adapts dense and conv kernels (as PEFT: Linear, Conv); got an embedding."

@@ -71,6 +71,7 @@ class LoKrSpec(Spec):
     method: ClassVar[str] = "lokr"
 
     def __post_init__(self):
+        super().__post_init__()
         if self.layout.kind == "conv" and len(self.layout.spatial(self.shape)) != 2:
             raise UnsupportedModuleError(
                 "lokr adapts dense and 2-D conv weights (as PEFT: Linear, Conv2d); got a conv "

@@ -34,6 +34,8 @@ class LoraSpec(Spec):
     init_weights: bool | str = True
 
     method: ClassVar[str] = "lora"
+    # DoRA on an excluded (scale 0) slice: ``g = m / norm`` is finite, then discarded
+    identity: ClassVar[dict[str, float]] = {"lora_magnitude_vector": 1.0, "weight_norm": 1.0}
 
     @property
     def needs_base_output(self) -> bool:  # type: ignore[override]
