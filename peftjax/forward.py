@@ -252,42 +252,91 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     for i, (spec, _, _) in enumerate(b.items):
         if not spec.factored or (spec.needs_base_output and i > 0):
             return None
-    x = read(x_v)
-    out = eqn.primitive.bind(read(lhs_v), read(rhs_v), **eqn.params)
     # x contracted dims in the order of W's input axes; free dims keep their order
     order = np.argsort(wc_w)
     x_c = [xc[j] for j in order]
-    x_free = [d for d in range(x.ndim) if d not in xc]
+    x_ndim = (eqn.invars[0] if rt else eqn.invars[1]).aval.ndim
+    x_free = [d for d in range(x_ndim) if d not in xc]
     n_in_flat, n_out_flat = spec0.in_out
-    free_shape = [x.shape[d] for d in x_free]
-    # Every leading (token) axis is flattened into one: the adapter rules see 2-D ``(tokens, in)``
-    # and ``(tokens, out)`` matrices. On 3-D activations XLA:CPU lowers the weight gradients of
-    # the skinny factors (``x^T @ g`` contracting batch *and* sequence) through full-size
-    # transposed copies of the activations, which made a LoRA step on MLP / all-linear targets
-    # 2-3x its floor (benchmarks/NOTES.md, benchmarks/xla_skinny_dots.py); 2-D dots have none.
-    x2 = jnp.transpose(x, x_free + x_c).reshape(-1, n_in_flat)
     n_out_axes = ndim - n_in
-    if rt:  # out = (*x_free, *w_out)
-        y2 = out.reshape(-1, n_out_flat)
-    else:  # out = (*w_out, *x_free)
-        nf = len(free_shape)
-        perm = list(range(n_out_axes, n_out_axes + nf)) + list(range(n_out_axes))
-        y2 = jnp.transpose(out, perm).reshape(-1, n_out_flat)
-    w2 = None
-    for spec, arrays, scale in b.items:
-        if spec.needs_base_output and w2 is None:
-            w2 = lay.to_matrix(w)
-        y2 = spec.linear_forward(
-            x2, y2, arrays, w2, jnp.asarray(scale, jnp.float32), interp.next_rng()
+    rngs = [interp.next_rng() for _ in b.items]
+    specs = [spec for spec, _, _ in b.items]
+
+    def factored(lhs, rhs, arrs, rngs=rngs):
+        """The base product plus each adapter's factored rule on 2-D ``(tokens, features)``.
+
+        Every leading (token) axis is flattened into one: on 3-D activations XLA:CPU lowers the
+        factor gradients (``x^T @ g`` contracting batch *and* sequence) through full-size
+        transposed copies of the activations, which made a LoRA step on MLP / all-linear targets
+        2-3x its floor (benchmarks/RESULTS.md, benchmarks/xla_skinny_dots.py); 2-D dots have none.
+        """
+        x, wv = (lhs, rhs) if rt else (rhs, lhs)
+        out = eqn.primitive.bind(lhs, rhs, **eqn.params)
+        free_shape = [x.shape[d] for d in x_free]
+        x2 = jnp.transpose(x, x_free + x_c).reshape(-1, n_in_flat)
+        if rt:  # out = (*x_free, *w_out)
+            y2 = out.reshape(-1, n_out_flat)
+        else:  # out = (*w_out, *x_free)
+            nf = len(free_shape)
+            perm = list(range(n_out_axes, n_out_axes + nf)) + list(range(n_out_axes))
+            y2 = jnp.transpose(out, perm).reshape(-1, n_out_flat)
+        w2 = None
+        for spec, (arrays, scale), rng in zip(specs, arrs, rngs):
+            if spec.needs_base_output and w2 is None:
+                w2 = lay.to_matrix(wv if tag.perm is None else jnp.transpose(wv, inv))
+            y2 = spec.linear_forward(x2, y2, arrays, w2, scale, rng)
+        if rt:
+            y = y2.reshape(out.shape)
+        else:
+            nf = len(free_shape)
+            t = y2.reshape(*free_shape, *out_axes_shape)
+            perm = list(range(nf, nf + n_out_axes)) + list(range(nf))
+            y = jnp.transpose(t, perm)
+        return y.astype(out.dtype)
+
+    arrs = [(arrays, jnp.asarray(scale, jnp.float32)) for _, arrays, scale in b.items]
+    lhs, rhs = read(lhs_v), read(rhs_v)
+    tokens = int(np.prod([(rhs if lt else lhs).shape[d] for d in x_free]))
+    if not _fuse_when_not_differentiated(specs, rngs, lay, tokens, n_in_flat, n_out_flat):
+        return [(factored(lhs, rhs, arrs), None)]
+
+    def merged(lhs, rhs, arrs):
+        """``x @ (W + dW)``: the delta built once, the base product made with it."""
+        wv = lhs if lt else rhs
+        w = wv if tag.perm is None else jnp.transpose(wv, inv)
+        w32 = w.astype(jnp.float32)
+        for spec, (arrays, scale) in zip(specs, arrs):
+            w32 = w32 + spec.delta_layer(arrays, scale)
+        weff = w32.astype(wv.dtype)
+        weff = weff if tag.perm is None else jnp.transpose(weff, axes)
+        a, c = (weff, rhs) if lt else (lhs, weff)
+        return eqn.primitive.bind(a, c, **eqn.params)
+
+    fused = jax.custom_jvp(merged)
+    no_rng = [None] * len(specs)  # dropout is off on this path; keep traced keys out of the rule
+    fused.defjvp(
+        lambda primals, tangents: jax.jvp(
+            lambda l, r, a: factored(l, r, a, no_rng), primals, tangents
         )
-    if rt:
-        y = y2.reshape(out.shape)
-    else:
-        nf = len(free_shape)
-        t = y2.reshape(*free_shape, *out_axes_shape)
-        perm = list(range(nf, nf + n_out_axes)) + list(range(nf))
-        y = jnp.transpose(t, perm)
-    return [(y.astype(out.dtype), None)]
+    )
+    return [(fused(lhs, rhs, arrs), None)]
+
+
+def _fuse_when_not_differentiated(specs, rngs, lay, tokens: int, n_in: int, n_out: int) -> bool:
+    """Whether a dot's adapters may be applied merged on the fly (``x @ (W + dW)``) when nobody
+    differentiates it: plain LoRA without active dropout on a dense weight, and more tokens
+    than the crossover ``in * out / (in + out)``, beyond which building ``dW`` (``2 in out r``
+    FLOPs, once) is cheaper than the factored ``x @ A @ B`` (``2 T r (in + out)``). Under
+    ``jax.grad`` / ``jvp`` the custom JVP rule computes the factored form instead, so training
+    never builds ``W + dW`` nor its full-size gradient."""
+    if lay.kind != "dense":
+        return False
+    for spec, rng in zip(specs, rngs):
+        if not isinstance(spec, LoraSpec) or spec.use_dora:
+            return False
+        if rng is not None and spec.lora_dropout > 0:
+            return False
+    return tokens * (n_in + n_out) > n_in * n_out
 
 
 def _conv(interp: _Interp, eqn, read, tags, materialize):

@@ -323,3 +323,39 @@ def test_hlo_size_parser():
     )
     assert len(weight_sized_ops(hlo, {960})) == 2
     assert np.prod((24, 40)) == 960
+
+
+def _inference_flops(tokens: int):
+    module = MLP()
+    x = jax.random.normal(jax.random.key(0), (1, tokens, D))
+    params = module.init(jax.random.key(1), x)
+    adapted = pj.inject(params, CONFIGS["lora"], key=jax.random.key(2))
+    adapted = pj.combine(*_randomize_b(*pj.partition(adapted)))
+    fwd = lambda p, x: module.apply(p, x)  # noqa: E731
+    merged = pj.merge_and_unload(adapted)
+    c_un = jax.jit(pj.apply(fwd)).lower(adapted, x).compile()
+    c_me = jax.jit(fwd).lower(merged, x).compile()
+    np.testing.assert_allclose(c_un(adapted, x), c_me(merged, x), rtol=1e-5, atol=1e-5)
+    # A @ B, times the scale, plus W: (2 r + 2) in out per weight, two blocks
+    delta = sum((2 * R + 2) * i * o for i, o in [(D, H), (H, D)]) * 2
+    factored = sum(2 * tokens * R * (i + o) for i, o in [(D, H), (H, D)]) * 2
+    return _flops(c_un), _flops(c_me), delta, factored
+
+
+def _randomize_b(t, f):
+    t = jax.tree_util.tree_map_with_path(
+        lambda p, a: a + 0.1 if getattr(p[-1], "key", None) == "lora_B" else a, t
+    )
+    return t, f
+
+
+def test_inference_builds_the_delta_once_when_that_is_cheaper():
+    """Not differentiated, with more tokens than ``in*out/(in+out)``, a LoRA dot runs as
+    ``x @ (W + dW)`` (the delta built once per call); with few tokens it stays factored. Under
+    ``jax.grad`` it is always factored (the guards above: no weight-sized op in a step)."""
+    un, me, delta, factored = _inference_flops(tokens=200)
+    assert factored > delta
+    assert un - me <= 1.05 * delta < factored
+    un, me, delta, factored = _inference_flops(tokens=4)
+    assert factored < delta
+    assert un - me <= 1.1 * factored < delta
