@@ -530,7 +530,7 @@ def test_transformers_flax_gpt2_transposed_kernels_exact(fallbacks):
     cfg = pj.LoraConfig(r=2, target_modules=["c_attn", "wte"], init_lora_weights=False)
     f = lambda p, ids: gm(ids, params=p).logits
     with pytest.raises(pj.LayoutError, match="c_attn"):
-        pj.apply(f)(inject(params, cfg, seed=1), ids)
+        jax.jit(pj.apply(f))(inject(params, cfg, seed=1), ids)
     q = inject(params, cfg, {"c_attn": pj.Layout("dense", transposed=True)}, seed=1)
     check(f, q, ids, wrap=jax.jit, fallbacks=fallbacks, expect_fallback=True, base=params)
 
@@ -957,22 +957,19 @@ def test_transposed_layout_out_in_kernels_fast_and_exact(cfg, monkeypatch):
 
 
 def test_flax_gpt2_conv1d_kernels_take_the_fast_path(monkeypatch):
-    from transformers import FlaxGPT2LMHeadModel, GPT2Config
-
     calls = []
     orig = pjf._effective
     monkeypatch.setattr(pjf, "_effective", lambda *a, **k: (calls.append(1), orig(*a, **k))[1])
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32)
-    fm = FlaxGPT2LMHeadModel(cfg, seed=0)
+    fm, fparams = make_gpt2(n_embd=32, n_head=4)
     q = pj.inject(
-        fm.params,
+        fparams,
         pj.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False),
         key=jax.random.key(0),
         layouts=pj.Layout("dense", transposed=True),
     )
     ids = jnp.arange(16).reshape(2, 8)
     run = lambda p, ids: fm(ids, params=p).logits
-    merged = run(pj.merge_and_unload(q), ids)
-    np.testing.assert_allclose(pj.apply(run)(q, ids), merged, rtol=1e-4, atol=1e-4)
-    assert float(jnp.abs(merged - run(fm.params, ids)).max()) > 1e-2
+    merged = jax.jit(run)(pj.merge_and_unload(q), ids)
+    np.testing.assert_allclose(jax.jit(pj.apply(run))(q, ids), merged, rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(merged - jax.jit(run)(fparams, ids)).max()) > 1e-2
     assert not calls

@@ -19,6 +19,7 @@ benchmarks/matrix.py measures the same rows at realistic sizes, with times.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -249,20 +250,27 @@ def weight_sizes(params) -> set[int]:
     return sizes
 
 
-def compiled_pair(case: str, method: str):
+@functools.cache
+def _case_and_floor(case: str):
+    """A case's model and its compiled floor, built once for all of its rows."""
     params, fwd, x, layouts = CASES[case]()
     y = jnp.zeros_like(fwd(params, x))
 
     def floor(s):
         return jnp.mean((fwd(params, x * s) - y) ** 2)
 
+    c_floor = jax.jit(jax.grad(floor)).lower(jnp.float32(1.0)).compile()
+    return params, fwd, x, layouts, y, c_floor
+
+
+def compiled_pair(case: str, method: str):
+    params, fwd, x, layouts, y, c_floor = _case_and_floor(case)
     adapted = pj.inject(params, CONFIGS[method], key=jax.random.key(2), layouts=layouts)
     t, f = pj.partition(adapted)
 
     def step_loss(t):
         return jnp.mean((pj.apply(fwd)(pj.combine(t, f), x) - y) ** 2)
 
-    c_floor = jax.jit(jax.grad(floor)).lower(jnp.float32(1.0)).compile()
     c_step = jax.jit(jax.grad(step_loss)).lower(t).compile()
     return adapted, c_floor, c_step
 
