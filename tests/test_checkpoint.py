@@ -398,6 +398,7 @@ SHARDING_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_restore_to_a_different_sharding(tmp_path):
     env = {
         **os.environ,

@@ -137,6 +137,7 @@ def test_inspect(capsys):
     assert f"{size:,d} bytes" in text
 
 
+@pytest.mark.slow
 def test_demo_trains_merges_and_saves(tmp_path):
     from peftjax.demo import run
 

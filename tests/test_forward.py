@@ -216,6 +216,7 @@ def test_linen_conv_fallback_exact(method, fallbacks):
     check(m.apply, q, x, fallbacks=fallbacks, expect_fallback=True, base=p)
 
 
+@pytest.mark.slow
 def test_linen_conv_lora_factored(fallbacks):
     """LoRA on convs runs as PEFT's conv(x, A) then 1x1 B, with no W + dW built; also under
     grad (gradients equal the merged model's) and with strides / dilation."""

@@ -347,6 +347,7 @@ def reference(tmp_path_factory):
 
 
 # 2 shards: renames 1 and 2 are the shards' temp files, 3 is the partial dir -> --out
+@pytest.mark.slow
 @pytest.mark.parametrize("n, when", [(1, "before"), (2, "before"), (3, "before"), (3, "after")])
 def test_killed_merge_leaves_out_absent_or_complete(tmp_path, reference, n, when):
     base = _checkpoint(tmp_path / "base")

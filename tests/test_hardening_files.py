@@ -575,6 +575,7 @@ def _run_children(scripts: list[str], timeout=120) -> list[subprocess.CompletedP
     return out
 
 
+@pytest.mark.slow
 def test_save_pretrained_killed_at_every_step_leaves_old_or_new(tmp_path):
     """SIGKILL before each of a save's file-system steps (one child process, which forks a
     saver per kill point); every outcome loads as exactly the old or exactly the new adapter."""
@@ -668,6 +669,7 @@ print("renames", count[0])
 """
 
 
+@pytest.mark.slow
 def test_checkpointer_killed_during_save_restores_a_whole_step(tmp_path):
     import optax
 

@@ -164,6 +164,7 @@ CONFIGS = {
 }
 
 ROWS = [(m, "lora") for m in CASES] + [("llama", m) for m in CONFIGS if m != "lora"]
+SLOW_ROWS = {("gpt2", "lora")}  # transformers' model: the slowest compile (`-m slow`)
 EXEMPT_FROM_HLO = {"loha", "dora"}
 
 
@@ -280,7 +281,13 @@ def _flops(c) -> float:
     return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
 
 
-@pytest.mark.parametrize("case,method", ROWS, ids=[f"{c}-{m}" for c, m in ROWS])
+@pytest.mark.parametrize(
+    "case,method",
+    [
+        pytest.param(c, m, id=f"{c}-{m}", marks=[pytest.mark.slow] if (c, m) in SLOW_ROWS else [])
+        for c, m in ROWS
+    ],
+)
 def test_step_costs_the_floor_plus_the_adapters_own_work(case, method):
     adapted, c_floor, c_step = compiled_pair(case, method)
     extra = _flops(c_step) - _flops(c_floor)
