@@ -115,8 +115,7 @@ class LoraSpec(Spec):
             return (y2.astype(acc) + lora).astype(y2.dtype)
         lora = (xd @ a) @ b
         acc = jnp.promote_types(y2.dtype, lora.dtype)
-        w32 = w2.astype(jnp.float32)
-        norm = jax.lax.stop_gradient(_col_norm(w32 + self.delta_matrix(arrays, scale)))
+        norm = jax.lax.stop_gradient(_factored_col_norm(w2, a, b, scale))
         g = arrays["lora_magnitude_vector"] / norm
         base_d = y2 if rng is None or self.lora_dropout == 0.0 else xd @ w2.astype(xd.dtype)
         y = y2.astype(acc) + (g - 1) * base_d.astype(acc) + g * lora * scale
@@ -127,6 +126,18 @@ class LoraSpec(Spec):
         out = a_rows @ arrays["lora_B"]
         acc = jnp.promote_types(y.dtype, out.dtype)
         return (y.astype(acc) + out * scale).astype(y.dtype)
+
+
+def _factored_col_norm(w, a, b, scale):
+    """``_col_norm(W + scale * A @ B)`` without building the ``(in, out)`` sum each step:
+    ``||W||^2 + 2 s colsum(B * (A^T W)) + s^2 colsum(B * ((A^T A) B))``, all float32. Same
+    FLOPs as building the delta (``A^T W`` is ``2 in r out``) but no weight-sized temporary;
+    as precise as the direct form (relative error ~1e-7 in tests/test_numerics.py)."""
+    w32, a32, b32 = (v.astype(jnp.float32) for v in (w, a, b))
+    cross = jnp.sum(b32 * (a32.T @ w32), axis=0)
+    own = jnp.sum(b32 * ((a32.T @ a32) @ b32), axis=0)
+    sq = jnp.sum(jnp.square(w32), axis=0) + 2 * scale * cross + jnp.square(scale) * own
+    return jnp.sqrt(jnp.maximum(sq, 0.0))
 
 
 def _col_norm(w):
