@@ -105,6 +105,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import peftjax as pj
+from peftjax.paths import keypath_to_names
 
 # --quick (without --methods/--targets/--ranks): LoRA r=8 on all-linear on every model (the nnx
 # model, with its nnx.LoRALinear and qwix peers: on the MLP modules), plus each other method once
@@ -128,16 +129,8 @@ LLAMA_MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 def path_str(path) -> str:
-    """``a/b/0/kernel`` for a jax key path (dict keys, attributes, sequence indices)."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return "/".join(out)
+    """``a/b/0/kernel`` for a jax key path, with peftjax's own key-path segments."""
+    return "/".join(keypath_to_names(path))
 
 
 def scale_leaf(tree, pattern: str, s):
