@@ -156,8 +156,6 @@ def _size(x) -> int:
 def _adapter_size(arrays) -> int:
     """Parameters of one adapter's arrays as PEFT counts them: DoRA's cached ``weight_norm``
     is not a parameter. Excluded layers of a stacked weight store no arrays, so add nothing."""
-    if not arrays:
-        return 0
     return sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
 
 
