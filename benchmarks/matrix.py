@@ -105,7 +105,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import peftjax as pj
-from peftjax.paths import keypath_to_names
+from peftjax._tree import keypath_to_names
 
 # --quick (without --methods/--targets/--ranks): LoRA r=8 on all-linear on every model (the nnx
 # model, with its nnx.LoRALinear and qwix peers: on the MLP modules), plus each other method once

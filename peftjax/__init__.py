@@ -1,20 +1,12 @@
 """peftjax: parameter-efficient fine-tuning for JAX/Flax as pure pytree transforms.
 
-Adapters (LoRA, DoRA, LoHa, LoKr, IA3, LN tuning) live in the params tree; every transform
+Adapters (every method of `peftjax.methods.METHODS`) live in the params tree; every transform
 returns a new tree and leaves its input unchanged. The math and files are HF PEFT's.
 """
 
 from .checkpoint import (
     AdapterCheckpointer as AdapterCheckpointer,
     CheckpointNotFoundError as CheckpointNotFoundError,
-)
-from .config import (
-    IA3Config as IA3Config,
-    LNTuningConfig as LNTuningConfig,
-    LoHaConfig as LoHaConfig,
-    LoKrConfig as LoKrConfig,
-    LoraConfig as LoraConfig,
-    config_from_dict as config_from_dict,
 )
 from .errors import (
     AdaptedArrayError as AdaptedArrayError,
@@ -40,7 +32,11 @@ from .io import (
     stacked_key_map as stacked_key_map,
 )
 from .layout import Layout as Layout
-from .methods import factorization as factorization
+from .methods import (
+    METHODS as METHODS,
+    config_from_dict as config_from_dict,
+    factorization as factorization,
+)
 from .node import Adapted as Adapted
 from .training import (
     adapter_optimizer as adapter_optimizer,
@@ -68,6 +64,11 @@ from .transforms import (
 
 __version__ = "0.1.0"
 
+# Every registered method's config class, by its PEFT name (`pj.LoraConfig`, ...): the registry
+# row is the one place a method is listed.
+_CONFIGS = {m.config.__name__: m.config for m in METHODS.values()}
+globals().update(_CONFIGS)
+
 __all__ = sorted(
     [
         "Adapted",
@@ -83,12 +84,7 @@ __all__ = sorted(
         "AdapterNameError",
         "ConfigError",
         "FormatError",
-        "IA3Config",
-        "LNTuningConfig",
         "Layout",
-        "LoHaConfig",
-        "LoKrConfig",
-        "LoraConfig",
         "MergeError",
         "PeftJaxError",
         "ShapeError",
@@ -119,5 +115,7 @@ __all__ = sorted(
         "trainable_mask",
         "unload",
         "unmerge",
+        "METHODS",
+        *_CONFIGS,
     ]
 )

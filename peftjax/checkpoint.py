@@ -32,10 +32,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from ._tree import walk
 from .errors import FormatError, MergeError, ShapeError
 from .node import Adapted, is_adapted
 from .training import partition
-from .transforms import _walk
 
 FORMAT = "peftjax.adapter_checkpoint"
 FORMAT_VERSION = 1
@@ -111,7 +111,7 @@ def _adapter_entries(params, arrays_of) -> list[dict]:
     entry has ``module``, ``leaf``, ``adapter``, ``param`` (dotted), ``names`` (the array's full
     key path in ``params``), ``index`` (of the leaf), ``value`` and ``node``.
     """
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     paths = [
         _names(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)[0]
     ]
@@ -446,7 +446,7 @@ class AdapterCheckpointer:
 
         out = self._manager.restore(step, args=ocp.args.Composite(**items))
 
-        leaves, treedef = _walk(params)
+        leaves, treedef = walk(params)
         values = [l.value for l in leaves]
         updates: dict[int, dict[str, dict]] = {}
         for key, e in targets.items():
@@ -633,7 +633,7 @@ def _sharding_lookup(sharding, params) -> _Lookup:
         )
     # a pytree of shardings shaped like params (or its trainable part)
     tree = partition(sharding)[0]
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     try:
         parts = treedef.flatten_up_to(tree)
     except (ValueError, TypeError) as err:

@@ -43,18 +43,34 @@ def build_parser() -> argparse.ArgumentParser:
         "shipped with peftjax (no network), merge, check the merged outputs and save the "
         "adapter in HF PEFT's format.",
     )
+    from .demo import demos as method_demos
+
+    demos = method_demos()
+    ranked = [n for n, (_, has_rank, _) in demos.items() if has_rank]
     d.add_argument(
         "--method",
         default="lora",
-        choices=["lora", "dora", "loha", "lokr", "ia3"],
+        choices=list(demos),
         help="adapter method (default: lora)",
     )
     d.add_argument(
-        "--rank", type=int, default=8, help="adapter rank for lora, dora, loha, lokr (not ia3)"
+        "--rank",
+        type=int,
+        default=8,
+        help=f"adapter rank for {', '.join(ranked)} "
+        f"(not {', '.join(n for n in demos if n not in ranked)})",
     )
     d.add_argument("--steps", type=int, default=200, help="training steps (default: 200)")
+    rates = sorted({lr for _, _, lr in demos.values()})
     d.add_argument(
-        "--lr", type=float, default=None, help="Adam learning rate (default: 3e-2 ia3, else 4e-3)"
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default: "
+        + ", ".join(
+            f"{lr:g} {'/'.join(n for n, (_, _, r) in demos.items() if r == lr)}" for lr in rates
+        )
+        + ")",
     )
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--out", default="peftjax-demo-adapter", help="where to save the adapter")

@@ -246,16 +246,16 @@ def _fsync_dir(d: Path) -> None:
 # ------------------------------------------------------------------------------------ merge
 
 
-def _weight_leaf(kind: str, torch_ndim: int):
+def _checkpoint_leaf(kind: str, torch_ndim: int):
     """The Flax leaf name of a checkpoint weight being merged into, and io's torch<->Flax rule."""
-    from .io import _Rule
+    from . import _torch_layout as L
 
     if kind == "embed":
-        return "embedding", _Rule("id")
+        return "embedding", L.SAME
     if torch_ndim == 2:
-        return "kernel", _Rule("T")
+        return "kernel", L.TRANSPOSE
     if torch_ndim in (3, 4, 5):
-        return "kernel", _Rule("conv")
+        return "kernel", L.CONV
     raise FormatError(f"cannot merge into a weight with {torch_ndim} dims.")
 
 
@@ -290,6 +290,7 @@ def merge_checkpoint(
     import jax
 
     from . import io
+    from .methods import method_of
 
     base, out = Path(base_dir), Path(os.path.abspath(out_dir))
     _check_out(out, base)
@@ -298,15 +299,14 @@ def merge_checkpoint(
     side = _side_files(base, roots, set(files) | {INDEX_NAME})
     cfg, tensors = io.read_adapter(adapter_dir, name)
     pt = cfg.peft_type
+    method = method_of(cfg)
     kinds: dict[str, str] = {}
     replace: dict[str, np.ndarray] = {}
     for k in tensors:
-        kind, mod, suffix = io._split_key(k, pt)
+        kind, mod, suffix = io.file_key(k, method)
         if kind == "adapter":
-            kinds[mod] = (
-                "embed" if suffix.startswith("lora_embedding") else kinds.get(mod, "linear")
-            )
-        elif kind in ("copy", "ln"):
+            kinds[mod] = "embed" if suffix in method.embed_suffixes else kinds.get(mod, "linear")
+        elif kind in ("copy", "whole"):
             replace[f"{mod}.{suffix}"] = tensors[k]
     # checkpoint key -> the adapter's base-layer tensor that replaces it (may be resized)
     base_w = {ck: tensors[ak] for ck, ak in io.embedding_base_keys(tensors, pt).items()}
@@ -325,7 +325,7 @@ def merge_checkpoint(
             if mod in kinds and param in ("weight", "bias"):
                 where.setdefault(mod, fname)
                 if param == "weight":
-                    leaf, rule = _weight_leaf(kinds[mod], len(shape))
+                    leaf, rule = _checkpoint_leaf(kinds[mod], len(shape))
                     sds = jax.ShapeDtypeStruct(rule.flax_shape(shape), dtype)
                     _set(abstract, f"{mod}.{leaf}", sds)
                 elif pt == "IA3":
@@ -509,7 +509,7 @@ def _merge_module(
     wkey = f"{mod}.weight"
     dtype = shard[wkey].dtype
     w_t = base_of(wkey)
-    leaf, rule = _weight_leaf(kind, w_t.ndim)
+    leaf, rule = _checkpoint_leaf(kind, w_t.ndim)
     w = rule.from_torch(np.asarray(w_t), rule.flax_shape(tuple(w_t.shape)))
     group[leaf] = group[leaf].replace(base=jnp.asarray(w).astype(dtype))
     if "bias" in group:

@@ -34,23 +34,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import types
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from peftjax.errors import ConfigError
 
 __all__ = [
     "PEFT_FORMAT_VERSION",
-    "PEFT_TYPES",
     "AdapterConfig",
     "FrozenDict",
-    "IA3Config",
-    "LNTuningConfig",
-    "LoHaConfig",
-    "LoKrConfig",
-    "LoraConfig",
-    "config_from_dict",
 ]
 
 #: The HF PEFT release whose `adapter_config.json` layout `to_dict` reproduces (written as
@@ -111,147 +103,147 @@ class FrozenDict(Mapping[str, _V]):
 # ----------------------------------------------------------------------------- checks
 
 
-def _fail(name: str, value: Any, why: str) -> ConfigError:
+def fail(name: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"`{name}`={value!r}: {why}")
 
 
-def _unsupported(name: str, value: Any, default: Any) -> ConfigError:
-    return _fail(
+def unsupported(name: str, value: Any, default: Any) -> ConfigError:
+    return fail(
         name,
         value,
         f"not supported by peftjax (it changes the adapter's math); use the default {default!r}.",
     )
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v: Any) -> bool:
+def is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_bool(name: str, v: Any) -> bool:
+def check_bool(name: str, v: Any) -> bool:
     if not isinstance(v, bool):
-        raise _fail(name, v, "must be True or False.")
+        raise fail(name, v, "must be True or False.")
     return v
 
 
-def _check_rank(name: str, v: Any) -> int:
-    if not _is_int(v) or v <= 0:
-        raise _fail(name, v, "the rank must be a positive integer.")
+def check_rank(name: str, v: Any) -> int:
+    if not is_int(v) or v <= 0:
+        raise fail(name, v, "the rank must be a positive integer.")
     return v
 
 
-def _check_alpha(name: str, v: Any) -> int | float:
-    if not _is_real(v):
-        raise _fail(name, v, "must be a finite number.")
+def check_alpha(name: str, v: Any) -> int | float:
+    if not is_real(v):
+        raise fail(name, v, "must be a finite number.")
     return v
 
 
-def _check_dropout(name: str, v: Any) -> int | float:
-    if not _is_real(v) or not 0 <= v < 1:
-        raise _fail(name, v, "a dropout probability must satisfy 0 <= p < 1.")
+def check_dropout(name: str, v: Any) -> int | float:
+    if not is_real(v) or not 0 <= v < 1:
+        raise fail(name, v, "a dropout probability must satisfy 0 <= p < 1.")
     return v
 
 
-def _check_opt_str(name: str, v: Any) -> str | None:
+def check_opt_str(name: str, v: Any) -> str | None:
     if v is not None and not isinstance(v, str):
-        raise _fail(name, v, "must be a string or None.")
+        raise fail(name, v, "must be a string or None.")
     return v
 
 
-def _str_seq(name: str, v: Any) -> tuple[str, ...]:
+def str_seq(name: str, v: Any) -> tuple[str, ...]:
     """A list/tuple/set of strings as a tuple (order kept); a bare str is rejected."""
     if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple, set, frozenset)):
-        raise _fail(name, v, "must be a list of strings.")
+        raise fail(name, v, "must be a list of strings.")
     if not all(isinstance(x, str) for x in v):
-        raise _fail(name, v, "every entry must be a string.")
+        raise fail(name, v, "every entry must be a string.")
     return tuple(v)
 
 
-def _module_names(name: str, v: Any, *, empty_ok: bool) -> str | tuple[str, ...] | None:
+def module_names(name: str, v: Any, *, empty_ok: bool) -> str | tuple[str, ...] | None:
     """`target_modules`-like: None, a regex str, or a list of names (-> sorted unique tuple)."""
     if v is None:
         return None
     if isinstance(v, str):
         if not v:
-            raise _fail(name, v, "an empty regex matches no module; give a pattern or a list.")
+            raise fail(name, v, "an empty regex matches no module; give a pattern or a list.")
         return "all-linear" if v.lower() == "all-linear" else v
-    names = tuple(sorted(set(_str_seq(name, v))))
+    names = tuple(sorted(set(str_seq(name, v))))
     if not names:
         if empty_ok:
             return None
-        raise _fail(name, v, "an empty list targets nothing; give module names or a regex.")
+        raise fail(name, v, "an empty list targets nothing; give module names or a regex.")
     return names
 
 
-def _check_regex(name: str, pattern: str, wrapped: str | None = None) -> None:
+def check_regex(name: str, pattern: str, wrapped: str | None = None) -> None:
     """``pattern`` must compile as the regex PEFT builds from it (``wrapped`` with ``{}`` for
     the pattern, e.g. a ``rank_pattern`` key is used in ``(.*\\.)?({})$``)."""
     try:
         re.compile(pattern if wrapped is None else wrapped.replace("{}", pattern))
     except (re.error, RecursionError, OverflowError) as err:
-        raise _fail(name, pattern, f"not a valid regex: {err}.") from None
+        raise fail(name, pattern, f"not a valid regex: {err}.") from None
 
 
-def _regex_field(name: str, v: Any) -> Any:
+def regex_field(name: str, v: Any) -> Any:
     if isinstance(v, str) and v != "all-linear":
-        _check_regex(name, v)
+        check_regex(name, v)
     return v
 
 
-def _modules_to_save(v: Any) -> tuple[str, ...] | None:
+def modules_to_save_field(v: Any) -> tuple[str, ...] | None:
     if v is None:
         return None
-    names = _str_seq("modules_to_save", v)
+    names = str_seq("modules_to_save", v)
     return names or None
 
 
-def _layers_to_transform(v: Any) -> int | tuple[int, ...] | None:
+def layers_to_transform_field(v: Any) -> int | tuple[int, ...] | None:
     if v is None:
         return None
-    if _is_int(v):
+    if is_int(v):
         if v < 0:
-            raise _fail("layers_to_transform", v, "layer indices are non-negative.")
+            raise fail("layers_to_transform", v, "layer indices are non-negative.")
         return v
     if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple, set, frozenset)):
-        raise _fail("layers_to_transform", v, "must be an int or a list of ints.")
-    if not all(_is_int(i) and i >= 0 for i in v):
-        raise _fail("layers_to_transform", v, "every entry must be a non-negative int.")
+        raise fail("layers_to_transform", v, "must be an int or a list of ints.")
+    if not all(is_int(i) and i >= 0 for i in v):
+        raise fail("layers_to_transform", v, "every entry must be a non-negative int.")
     return tuple(sorted(set(v))) or None
 
 
-def _layers_pattern(v: Any) -> str | tuple[str, ...] | None:
+def layers_pattern_field(v: Any) -> str | tuple[str, ...] | None:
     if v is None or isinstance(v, str):
         out = v or None
     else:
-        out = _str_seq("layers_pattern", v) or None
+        out = str_seq("layers_pattern", v) or None
     for p in (out,) if isinstance(out, str) else out or ():
-        _check_regex("layers_pattern", p, r"(?:^|.*?\.){}\.(\d+)\.")
+        check_regex("layers_pattern", p, r"(?:^|.*?\.){}\.(\d+)\.")
     return out
 
 
-def _pattern(name: str, v: Any, check: Any) -> FrozenDict:
+def pattern_field(name: str, v: Any, check: Any) -> FrozenDict:
     if v is None:
         return FrozenDict()
     if not isinstance(v, Mapping):
-        raise _fail(name, v, "must be a dict from module-name pattern to value.")
+        raise fail(name, v, "must be a dict from module-name pattern to value.")
     for key, val in v.items():
         if not isinstance(key, str) or not key:
-            raise _fail(name, v, f"key {key!r} must be a non-empty string.")
-        _check_regex(f"{name} key", key, r"(.*\.)?({})$")
+            raise fail(name, v, f"key {key!r} must be a non-empty string.")
+        check_regex(f"{name} key", key, r"(.*\.)?({})$")
         check(f"{name}[{key!r}]", val)
     return v if isinstance(v, FrozenDict) else FrozenDict(v)
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     if isinstance(v, Mapping):
-        return {k: _jsonable(x) for k, x in v.items()}
+        return {k: jsonable(x) for k, x in v.items()}
     if isinstance(v, (set, frozenset)):
-        return sorted(_jsonable(x) for x in v)
+        return sorted(jsonable(x) for x in v)
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     return v
 
 
@@ -288,30 +280,28 @@ class AdapterConfig:
             raise TypeError(f"{type(self).__name__} is abstract; use LoraConfig, LoHaConfig, ...")
         task = self.task_type
         if task is not None and not (isinstance(task, str) and task in TASK_TYPES):
-            raise _fail(
-                "task_type", self.task_type, f"must be None or one of {sorted(TASK_TYPES)}."
-            )
-        _check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
-        _check_opt_str("revision", self.revision)
-        _check_bool("inference_mode", self.inference_mode)
+            raise fail("task_type", self.task_type, f"must be None or one of {sorted(TASK_TYPES)}.")
+        check_opt_str("base_model_name_or_path", self.base_model_name_or_path)
+        check_opt_str("revision", self.revision)
+        check_bool("inference_mode", self.inference_mode)
         self._set(
             "target_modules",
-            _regex_field(
+            regex_field(
                 "target_modules",
-                _module_names("target_modules", self.target_modules, empty_ok=False),
+                module_names("target_modules", self.target_modules, empty_ok=False),
             ),
         )
         self._set(
             "exclude_modules",
-            _regex_field(
+            regex_field(
                 "exclude_modules",
-                _module_names("exclude_modules", self.exclude_modules, empty_ok=True),
+                module_names("exclude_modules", self.exclude_modules, empty_ok=True),
             ),
         )
-        self._set("modules_to_save", _modules_to_save(self.modules_to_save))
+        self._set("modules_to_save", modules_to_save_field(self.modules_to_save))
         for m in self.modules_to_save or ():
             # PEFT matches each entry as a regex inside `(^|.*\.){m}($|\..*)`
-            _check_regex("modules_to_save", m, r"(^|.*\.){}($|\..*)")
+            check_regex("modules_to_save", m, r"(^|.*\.){}($|\..*)")
 
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -319,26 +309,66 @@ class AdapterConfig:
     def _check_layers(self, *, str_targets_forbidden: bool) -> None:
         """Normalise and check `layers_to_transform` / `layers_pattern` (LoRA, LoHa, LoKr)."""
         given = self.layers_to_transform is not None
-        self._set("layers_to_transform", _layers_to_transform(self.layers_to_transform))
-        self._set("layers_pattern", _layers_pattern(self.layers_pattern))
+        self._set("layers_to_transform", layers_to_transform_field(self.layers_to_transform))
+        self._set("layers_pattern", layers_pattern_field(self.layers_pattern))
         if given and self.layers_to_transform is None:
             # PEFT: an empty `layers_to_transform` means every layer; `layers_pattern` is moot.
             self._set("layers_pattern", None)
         if str_targets_forbidden and isinstance(self.target_modules, str):
             for name in ("layers_to_transform", "layers_pattern"):
                 if getattr(self, name) is not None:
-                    raise _fail(
+                    raise fail(
                         name,
                         getattr(self, name),
                         f"cannot be used when `target_modules` is a str "
                         f"({self.target_modules!r}); give `target_modules` as a list.",
                     )
         if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise _fail(
+            raise fail(
                 "layers_pattern",
                 self.layers_pattern,
                 "needs `layers_to_transform` to be set as well.",
             )
+
+    # ------------------------------------------------------------------ method hooks
+    # What generic code (inject, save, load, inspect) asks a config; each method's module
+    # (`peftjax.methods.<method>`) overrides the hooks that apply to it.
+
+    def rank_alpha(self, path: str) -> tuple[int, int | float] | None:
+        """``(r, alpha)`` of module ``path`` (``rank_pattern`` / ``alpha_pattern`` applied) for
+        methods whose delta is scaled by `scaling(r, alpha)`; ``None`` for the others."""
+        return None
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """The method's scale for rank ``r`` and ``alpha`` (methods with `rank_alpha` only)."""
+        raise NotImplementedError(f"{type(self).__name__} has no rank/alpha scaling")
+
+    def module_spec(self, path: str, layout: Any, shape: tuple[int, ...], mask: Any) -> Any:
+        """The static `Spec` of this method's adapter on the weight of module ``path``.
+
+        ``mask``: for a stacked weight with ``layers_to_transform``, one bool per layer slice
+        (``None``: every slice)."""
+        raise NotImplementedError(f"{type(self).__name__} builds no module spec")
+
+    @property
+    def method_label(self) -> str:
+        """The method's name as a summary shows it (a variant may name itself, e.g. DoRA)."""
+        return self.method
+
+    def check_module(self, peft_path: str, spec: Any) -> None:
+        """Raise `ConfigError` when this config, given to `save_pretrained`, would describe the
+        module's adapter ``spec`` differently from what it is (beyond targets, r and alpha)."""
+
+    def narrowed_fields(self, peft_paths: Mapping[str, Any]) -> dict[str, Any]:
+        """Fields `load_pretrained` replaces when it narrows the file's config to exactly the
+        modules present (``{module path: [PEFT paths]}``), beyond targets, ranks and alphas."""
+        return {}
+
+    @classmethod
+    def from_specs(cls: type[_C], entries: list, common: dict[str, Any]) -> _C:
+        """The config `save_pretrained` writes for an adapter whose modules are ``entries``
+        (``peft_path``, ``layer``, ``spec``); ``common`` holds the targets and copies."""
+        raise NotImplementedError(f"{cls.__name__} cannot be rebuilt from its specs")
 
     # ------------------------------------------------------------------ dict conversion
 
@@ -352,11 +382,13 @@ class AdapterConfig:
         """
         if not isinstance(d, Mapping):
             raise ConfigError(f"expected a dict parsed from adapter_config.json, got {d!r}.")
-        if cls is AdapterConfig:
+        if cls is AdapterConfig:  # dispatch on `peft_type` through the method registry
+            from .methods import config_from_dict
+
             return config_from_dict(d)  # type: ignore[return-value]
         peft_type = d.get("peft_type")
         if peft_type is not None and str(peft_type).upper() != cls.peft_type:
-            raise _fail(
+            raise fail(
                 "peft_type",
                 peft_type,
                 f"{cls.__name__} reads only peft_type {cls.peft_type!r}; "
@@ -370,7 +402,7 @@ class AdapterConfig:
             elif key in cls.PEFT_UNSUPPORTED_FIELDS:
                 default = cls.PEFT_UNSUPPORTED_FIELDS[key]
                 if value != default:
-                    raise _unsupported(key, value, default)
+                    raise unsupported(key, value, default)
             # else: PEFT_IGNORED_FIELDS, `peft_type`, `runtime_config` or unknown to PEFT: dropped
         return cls(**kwargs)
 
@@ -380,284 +412,9 @@ class AdapterConfig:
         `json.dumps(cfg.to_dict(), indent=2, sort_keys=True)` is the file PEFT would write.
         """
         out: dict[str, Any] = {}
-        out.update(_jsonable(self.PEFT_IGNORED_FIELDS))
-        out.update(_jsonable(self.PEFT_UNSUPPORTED_FIELDS))
+        out.update(jsonable(self.PEFT_IGNORED_FIELDS))
+        out.update(jsonable(self.PEFT_UNSUPPORTED_FIELDS))
         for f in dataclasses.fields(self):
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = jsonable(getattr(self, f.name))
         out["peft_type"] = self.peft_type
         return out
-
-
-# ----------------------------------------------------------------------------- LoRA
-
-_LORA_INITS_SUPPORTED = (True, False, "gaussian")
-# init_lora_weights values PEFT 0.21 knows but peftjax does not implement (they change the base
-# weights, need data or freeze a factor); also "pissa_niter_<n>" and "corda..." prefixes.
-_LORA_INITS_UNSUPPORTED = frozenset(
-    {"pissa", "olora", "loftq", "eva", "corda", "orthogonal", "mica", "lora_ga"}
-)
-
-
-def _lora_init(v: Any) -> bool | str:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str):
-        low = v.lower()
-        if low == "gaussian":
-            return "gaussian"
-        if low in _LORA_INITS_UNSUPPORTED or low.startswith(("pissa_niter_", "corda")):
-            raise _fail(
-                "init_lora_weights",
-                v,
-                "this initialisation is not supported by peftjax; "
-                f"use one of {list(_LORA_INITS_SUPPORTED)}.",
-            )
-    raise _fail("init_lora_weights", v, f"unknown value; use one of {list(_LORA_INITS_SUPPORTED)}.")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraConfig(AdapterConfig):
-    """LoRA (and DoRA with `use_dora=True`), as HF PEFT's `LoraConfig`.
-
-    `scaling = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` and
-    `alpha_pattern` override r and alpha per module.
-
-    >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    >>> cfg.scaling(cfg.r, cfg.lora_alpha)
-    2.0
-    """
-
-    peft_type: ClassVar[str] = "LORA"
-    method: ClassVar[str] = "lora"
-    PEFT_IGNORED_FIELDS: ClassVar[Mapping[str, Any]] = FrozenDict(
-        {
-            **AdapterConfig.PEFT_IGNORED_FIELDS,
-            # Select torch Megatron tensor-parallel layer classes; same math.
-            "megatron_config": None,
-            "megatron_core": "megatron.core",
-            # Sub-configs PEFT reads only for their own `init_lora_weights` value (rejected here)
-            # or for `use_qalora=True` (rejected); PEFT itself ignores them otherwise.
-            "loftq_config": FrozenDict(),
-            "eva_config": None,
-            "corda_config": None,
-            "lora_ga_config": None,
-            "qalora_group_size": 16,
-            # Torch bookkeeping for tied modules; in a JAX tree a tied weight is one leaf.
-            "ensure_weight_tying": False,
-        }
-    )
-    PEFT_UNSUPPORTED_FIELDS: ClassVar[Mapping[str, Any]] = FrozenDict(
-        {
-            "use_qalora": False,  # QA-LoRA: pooled inputs
-            "alora_invocation_tokens": None,  # aLoRA: adapter on only part of the sequence
-            "velora_config": None,  # VeLoRA: compressed-activation backward pass
-            "monteclora_config": None,  # MonteCLoRA: stochastic adapter weights
-            "use_bdlora": None,  # BD-LoRA: block-diagonal factors
-            "arrow_config": None,  # Arrow: routing between adapters
-            "kasa_config": None,  # KaSA: truncates the base weight, adds lora_diag
-        }
-    )
-
-    r: int = 8
-    lora_alpha: int | float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: Literal["none", "all", "lora_only"] = "none"
-    use_rslora: bool = False
-    init_lora_weights: bool | str = True
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
-    rank_pattern: FrozenDict[int] = dataclasses.field(default_factory=FrozenDict)
-    alpha_pattern: FrozenDict[int | float] = dataclasses.field(default_factory=FrozenDict)
-    use_dora: bool = False
-    # PEFT fields that change the math; only their defaults are supported.
-    lora_bias: bool = False
-    layer_replication: None = None
-    target_parameters: None = None
-    trainable_token_indices: None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_rank("r", self.r)
-        _check_alpha("lora_alpha", self.lora_alpha)
-        _check_dropout("lora_dropout", self.lora_dropout)
-        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
-            _check_bool(name, getattr(self, name))
-        if self.bias not in ("none", "all", "lora_only"):
-            raise _fail("bias", self.bias, "must be 'none', 'all' or 'lora_only'.")
-        if self.bias != "none":
-            raise _unsupported("bias", self.bias, "none")
-        if self.lora_bias:
-            raise _unsupported("lora_bias", self.lora_bias, False)
-        for name in ("layer_replication", "target_parameters", "trainable_token_indices"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (list, tuple, dict)) and not value):
-                raise _unsupported(name, value, None)
-            self._set(name, None)
-        self._set("init_lora_weights", _lora_init(self.init_lora_weights))
-        self._check_layers(str_targets_forbidden=True)
-        self._set("rank_pattern", _pattern("rank_pattern", self.rank_pattern, _check_rank))
-        self._set("alpha_pattern", _pattern("alpha_pattern", self.alpha_pattern, _check_alpha))
-
-    def scaling(self, r: int, alpha: float) -> float:
-        """PEFT's LoRA scale: `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`."""
-        _check_rank("r", r)
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-# ----------------------------------------------------------------------------- LyCORIS
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _LycorisConfig(AdapterConfig):
-    r: int = 8
-    alpha: int | float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    init_weights: bool | str = True
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
-    rank_pattern: FrozenDict[int] = dataclasses.field(default_factory=FrozenDict)
-    alpha_pattern: FrozenDict[int | float] = dataclasses.field(default_factory=FrozenDict)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_rank("r", self.r)
-        _check_alpha("alpha", self.alpha)
-        _check_dropout("rank_dropout", self.rank_dropout)
-        _check_dropout("module_dropout", self.module_dropout)
-        _check_bool("use_effective_conv2d", self.use_effective_conv2d)
-        # PEFT does not forbid layers_* with a str target_modules here (unlike LoRA): matching
-        # then ignores them, as PEFT's `check_target_module_exists` does.
-        self._check_layers(str_targets_forbidden=False)
-        self._set("rank_pattern", _pattern("rank_pattern", self.rank_pattern, _check_rank))
-        self._set("alpha_pattern", _pattern("alpha_pattern", self.alpha_pattern, _check_alpha))
-
-    def scaling(self, r: int, alpha: float) -> float:
-        """PEFT's LyCORIS scale for rank `r` and alpha `alpha`: `alpha / r`."""
-        _check_rank("r", r)
-        return alpha / r
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoHaConfig(_LycorisConfig):
-    """LoHa (Hadamard product of two low-rank products), as HF PEFT's `LoHaConfig`.
-
-    >>> LoHaConfig(r=4, alpha=8, target_modules=["q_proj"]).scaling(4, 8)
-    2.0
-    """
-
-    peft_type: ClassVar[str] = "LOHA"
-    method: ClassVar[str] = "loha"
-
-    init_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_bool("init_weights", self.init_weights)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoKrConfig(_LycorisConfig):
-    """LoKr (Kronecker product of two factors), as HF PEFT's `LoKrConfig`.
-
-    `init_weights` is True (w1 = 0), False (all random) or "lycoris" (w2 = 0).
-
-    >>> LoKrConfig(r=4, alpha=8, decompose_both=False, decompose_factor=-1).method
-    'lokr'
-    """
-
-    peft_type: ClassVar[str] = "LOKR"
-    method: ClassVar[str] = "lokr"
-
-    decompose_both: bool = False
-    decompose_factor: int = -1
-    rank_dropout_scale: bool = False
-    init_weights: bool | Literal["lycoris"] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_bool("decompose_both", self.decompose_both)
-        _check_bool("rank_dropout_scale", self.rank_dropout_scale)
-        if not _is_int(self.decompose_factor):
-            raise _fail(
-                "decompose_factor", self.decompose_factor, "must be an int (-1: automatic)."
-            )
-        if not isinstance(self.init_weights, bool) and self.init_weights != "lycoris":
-            raise _fail("init_weights", self.init_weights, "must be True, False or 'lycoris'.")
-
-
-# ----------------------------------------------------------------------------- IA3, LN tuning
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class IA3Config(AdapterConfig):
-    """(IA)^3: learned vectors scaling a module's output (or its input, for feedforward modules).
-
-    When `target_modules` and `feedforward_modules` are both lists, every feedforward name must be
-    one of the target names (PEFT's rule: a plain set inclusion, not a match).
-
-    >>> IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]).feedforward_modules
-    ('wo',)
-    """
-
-    peft_type: ClassVar[str] = "IA3"
-    method: ClassVar[str] = "ia3"
-
-    feedforward_modules: str | tuple[str, ...] | None = None
-    fan_in_fan_out: bool = False
-    init_ia3_weights: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        ff = _regex_field(
-            "feedforward_modules",
-            _module_names("feedforward_modules", self.feedforward_modules, empty_ok=True),
-        )
-        self._set("feedforward_modules", ff)
-        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
-        _check_bool("init_ia3_weights", self.init_ia3_weights)
-        targets = self.target_modules
-        if isinstance(ff, tuple) and isinstance(targets, tuple) and not set(ff) <= set(targets):
-            raise _fail(
-                "feedforward_modules",
-                list(ff),
-                f"must be a subset of `target_modules` ({list(targets)}); "
-                f"missing {sorted(set(ff) - set(targets))}.",
-            )
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LNTuningConfig(AdapterConfig):
-    """LN tuning: a trainable copy of each targeted normalisation layer.
-
-    >>> LNTuningConfig(target_modules=["input_layernorm"]).method
-    'ln_tuning'
-    """
-
-    peft_type: ClassVar[str] = "LN_TUNING"
-    method: ClassVar[str] = "ln_tuning"
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-#: PEFT's `peft_type` string -> config class.
-PEFT_TYPES: Mapping[str, type[AdapterConfig]] = types.MappingProxyType(
-    {c.peft_type: c for c in (LoraConfig, LoHaConfig, LoKrConfig, IA3Config, LNTuningConfig)}
-)
-
-
-def config_from_dict(d: Mapping[str, Any]) -> AdapterConfig:
-    """Builds the right config class from a parsed `adapter_config.json`, by its `peft_type`.
-
-    >>> config_from_dict({"peft_type": "LOKR", "r": 4}).r
-    4
-    """
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"expected a dict parsed from adapter_config.json, got {d!r}.")
-    peft_type = d.get("peft_type")
-    cls = PEFT_TYPES.get(str(peft_type).upper()) if isinstance(peft_type, str) else None
-    if cls is None:
-        raise _fail("peft_type", peft_type, f"unsupported; peftjax reads {sorted(PEFT_TYPES)}.")
-    return cls.from_dict(d)

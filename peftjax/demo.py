@@ -162,32 +162,23 @@ class Progress:
 # ------------------------------------------------------------------------------------ run
 
 
+def demos() -> dict:
+    """``{name: (config factory, ranked, learning rate)}`` of every method's demo."""
+    from .methods import METHODS
+
+    return {name: demo for m in METHODS.values() for name, demo in m.demos.items()}
+
+
 def make_config(method: str, rank: int):
-    import peftjax as pj
-
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    if method == "lora":
-        return pj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets)
-    if method == "dora":
-        return pj.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, use_dora=True)
-    if method == "loha":
-        return pj.LoHaConfig(r=rank, alpha=2 * rank, target_modules=targets)
-    if method == "lokr":
-        return pj.LoKrConfig(r=rank, alpha=2 * rank, target_modules=targets)
-    if method == "ia3":
-        return pj.IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
-        )
-    raise SystemExit(f"unknown --method {method!r}: choose lora, dora, loha, lokr or ia3")
-
-
-#: The methods with a rank (``--rank``); IA3 has none.
-RANKED_METHODS = ("lora", "dora", "loha", "lokr")
+    table = demos()
+    if method not in table:
+        raise SystemExit(f"unknown --method {method!r}: choose {', '.join(table)}")
+    return table[method][0](rank)
 
 
 def headline(method: str, rank: int, vocab: int, chars: int, steps: int, batch: int, seq: int):
     """The demo's first line; the rank only for methods that have one."""
-    ranked = f" r={rank}" if method in RANKED_METHODS else ""
+    ranked = f" r={rank}" if demos()[method][1] else ""
     return (
         f"peftjax demo: {method}{ranked} on a {vocab}-symbol Llama-style model (random initial "
         f"weights), {chars:,} characters of text, {steps} steps, batch {batch}x{seq}"
@@ -220,7 +211,7 @@ def run(
     print_fn(headline(method, rank, len(tok.chars), len(data), steps, batch, seq))
     pj.print_trainable_parameters(params, print_fn=print_fn)
 
-    lr = lr if lr is not None else (3e-2 if method == "ia3" else 4e-3)
+    lr = lr if lr is not None else demos()[method][2]
     opt = optax.adam(lr)
     trainable, frozen = pj.partition(params)
     opt_state = opt.init(trainable)

@@ -44,8 +44,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from .errors import LayoutError
-from .methods import CopySpec, IA3BiasSpec, LoraSpec, Spec
-from .methods.base import dropout
+from .methods import COPY, DERIVED, Spec
 from .node import is_adapted
 
 __all__ = ["apply"]
@@ -324,23 +323,22 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
 
 def _fuse_when_not_differentiated(specs, rngs, lay, tokens: int, n_in: int, n_out: int) -> bool:
     """Whether a dot's adapters may be applied merged on the fly (``x @ (W + dW)``) when nobody
-    differentiates it: plain LoRA without active dropout on a dense weight, and more tokens
+    differentiates it: every adapter `Spec.fusable` (plain LoRA without active dropout) on a
+    dense weight, and more tokens
     than the crossover ``in * out / (in + out)``, beyond which building ``dW`` (``2 in out r``
     FLOPs, once) is cheaper than the factored ``x @ A @ B`` (``2 T r (in + out)``). Under
     ``jax.grad`` / ``jvp`` the custom JVP rule computes the factored form instead, so training
     never builds ``W + dW`` nor its full-size gradient."""
     if lay.kind != "dense":
         return False
-    for spec, rng in zip(specs, rngs):
-        if not isinstance(spec, LoraSpec) or spec.use_dora:
-            return False
-        if rng is not None and spec.lora_dropout > 0:
-            return False
+    if not all(spec.fusable(rng is not None) for spec, rng in zip(specs, rngs)):
+        return False
     return tokens * (n_in + n_out) > n_in * n_out
 
 
 def _conv(interp: _Interp, eqn, read, tags, materialize):
-    """LoRA on a conv kernel, factored as PEFT: ``conv(dropout(x), A)`` then ``@ B``."""
+    """A conv with an adapted kernel: each adapter's `Spec.conv_forward` (LoRA as PEFT:
+    ``conv(dropout(x), A)`` then ``@ B``), given the module's own conv to run on other kernels."""
     lhs_v, rhs_v = eqn.invars
     if isinstance(rhs_v, jcore.Literal) or rhs_v not in tags or lhs_v in tags:
         return None
@@ -357,23 +355,18 @@ def _conv(interp: _Interp, eqn, read, tags, materialize):
     if tuple(p["dimension_numbers"].rhs_spec) != (nd - 1, nd - 2, *range(nd - 2)):
         return None
     for spec, _, _ in b.items:
-        if not isinstance(spec, LoraSpec) or spec.use_dora or spec.layout.kind != "conv":
-            return None
-        if spec.layout.layer_shape(spec.shape) != tuple(w.shape):
+        if not spec.conv_factored or spec.layout.layer_shape(spec.shape) != tuple(w.shape):
             return None
     x = read(lhs_v)
     out = eqn.primitive.bind(x, w, **p)
     fdim = p["dimension_numbers"].out_spec[1]
+    conv = lambda xv, kernel: eqn.primitive.bind(  # noqa: E731
+        xv, kernel, **dict(p, preferred_element_type=None)
+    )
     y = out
     for spec, arrays, scale in b.items:
-        a = arrays["lora_A"]
-        dt = jnp.promote_types(x.dtype, a.dtype)
-        xd = dropout(x.astype(dt), spec.lora_dropout, interp.next_rng())
-        t = eqn.primitive.bind(xd, a.astype(dt), **dict(p, preferred_element_type=None))
-        t = jnp.moveaxis(jnp.moveaxis(t, fdim, -1) @ arrays["lora_B"].astype(dt), -1, fdim)
-        acc = jnp.promote_types(y.dtype, t.dtype)
-        y = (y.astype(acc) + t * jnp.asarray(scale, t.dtype)).astype(out.dtype)
-    return [(y, None)]
+        y = spec.conv_forward(conv, x, y, arrays, scale, interp.next_rng(), fdim)
+    return [(y.astype(out.dtype), None)]
 
 
 def _gather(interp: _Interp, eqn, read, tags, materialize):
@@ -396,16 +389,19 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
     ):
         return None
     for spec, _, _ in b.items:
-        if spec.layout.kind != "embed" or getattr(spec, "use_dora", True):
+        if not spec.gather_factored:
             return None
     idx = read(idx_v)
     out = eqn.primitive.bind(w, idx, **eqn.params)
+
+    def gather(table):
+        """The same rows of another ``(vocab, n)`` table."""
+        params = dict(eqn.params, slice_sizes=(1, table.shape[1]))
+        return eqn.primitive.bind(table, idx, **params)
+
     y = out
     for spec, arrays, scale in b.items:
-        a = arrays["lora_A"]
-        params = dict(eqn.params, slice_sizes=(1, a.shape[1]))
-        rows = eqn.primitive.bind(a, idx, **params)
-        y = spec.gathered_forward(rows, y, arrays, jnp.asarray(scale, jnp.float32))
+        y = spec.gathered_forward(gather, y, arrays, jnp.asarray(scale, jnp.float32))
     return [(y.astype(out.dtype), None)]
 
 
@@ -501,9 +497,10 @@ def _is_array(x) -> bool:
 
 def _prepare(args_tree):
     """Replace adapted leaves: returns (flat values, flat bindings (or None), treedef)."""
-    from .transforms import _ia3_bias_factor, _modules, _walk
+    from ._tree import group_modules, walk
+    from .transforms import owner_of
 
-    leaves, treedef = _walk(args_tree)
+    leaves, treedef = walk(args_tree)
     groups = None
     vals, binds = [], []
     for i, l in enumerate(leaves):
@@ -516,19 +513,19 @@ def _prepare(args_tree):
         value = node.base
         items = []
         for name, spec, arrays in pend:
-            if isinstance(spec, CopySpec):
+            if spec.role == COPY:
                 if items:  # adapters activated before the copy are replaced by it (as `merge`)
                     value, items = _effective(_binding(i, value, items), value, value.dtype), []
                 value = spec.value(value, arrays)
-            elif isinstance(spec, IA3BiasSpec):
+            elif spec.role == DERIVED:
                 if groups is None:
-                    groups = _modules(leaves)
-                f = _ia3_bias_factor(groups[l.module], node, name).reshape(value.shape)
-                value = (value.astype(jnp.float32) * f).astype(value.dtype)
+                    groups = group_modules(leaves)
+                owner = owner_of(groups[l.module], spec, name)
+                value = spec.derived_value(value, *owner).astype(value.dtype)
             else:
                 # full-stack arrays (compact ones expanded): the scan ``xs`` need every layer
                 items.append((spec, spec.expand(arrays), _scale_of(spec)))
-        if items and any(isinstance(s, CopySpec) for _, s, _ in pend):
+        if items and any(s.role == COPY for _, s, _ in pend):
             # a copy plus other adapters on one leaf: just build the effective weight
             value, items = _effective(_binding(i, value, items), value, value.dtype), []
         vals.append(value)
@@ -537,7 +534,7 @@ def _prepare(args_tree):
 
 
 def _arg_module(module: str) -> str:
-    """The module path inside its argument (``_walk((args, kwargs))`` prefixes ``0.<i>.``)."""
+    """The module path inside its argument (``walk((args, kwargs))`` prefixes ``0.<i>.``)."""
     parts = module.split(".", 2)
     mod = parts[2] if len(parts) == 3 else module
     return mod[len("params.") :] if mod.startswith("params.") else mod

@@ -13,13 +13,15 @@ tree, and the pytree key paths stay ``.arrays[name][param]``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
 
 from .errors import AdaptedArrayError
-from .methods import Spec
+
+if TYPE_CHECKING:
+    from .methods.base import Spec
 
 
 def _fresh(arrays):

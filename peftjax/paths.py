@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import jax
 
+from peftjax._tree import keypath_to_names, module_path
 from peftjax.errors import ConfigError, TargetError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "OUTPUT_HEAD_NAMES",
     "SEQ_CLS_HEAD_NAMES",
     "check_pattern_keys",
+    "exact_regex",
     "find_pattern_key",
     "get_pattern_value",
     "is_all_linear",
@@ -73,70 +75,10 @@ ALL_LINEAR = "all-linear"
 OUTPUT_HEAD_NAMES: tuple[str, ...] = ("lm_head",)
 #: Classifier heads PEFT leaves out of ``"all-linear"`` for ``task_type="SEQ_CLS"``.
 SEQ_CLS_HEAD_NAMES: tuple[str, ...] = ("score", "classifier")
-_VARIABLE_VALUE_ATTRS = ("value", "raw_value")
-_COLLECTION = "params"
 _MAX_EXAMPLES = 5
 
 
 # --------------------------------------------------------------------------- module paths
-
-
-def keypath_to_names(keypath: Iterable[Any]) -> tuple[str, ...]:
-    """Converts a ``jax.tree_util`` key path to string segments.
-
-    ``DictKey`` gives ``str(key)`` (nnx integer keys become ``"0"``...), ``GetAttrKey`` its name,
-    ``SequenceKey`` its index, ``FlattenedIndexKey`` its key; plain str/int entries (as in
-    ``flax.traverse_util.flatten_dict`` keys) are kept as strings. A trailing ``GetAttrKey``
-    ``value`` / ``raw_value`` (an nnx ``Variable`` flattened to its array) is dropped.
-
-    Args:
-        keypath: Entries of a key path from ``jax.tree_util.tree_flatten_with_path``.
-
-    Returns:
-        The path segments as strings.
-    """
-    entries = list(keypath)
-    if (
-        entries
-        and isinstance(entries[-1], jax.tree_util.GetAttrKey)
-        and entries[-1].name in _VARIABLE_VALUE_ATTRS
-    ):
-        entries.pop()
-    names: list[str] = []
-    for entry in entries:
-        if isinstance(entry, jax.tree_util.DictKey):
-            names.append(str(entry.key))
-        elif isinstance(entry, jax.tree_util.GetAttrKey):
-            names.append(entry.name)
-        elif isinstance(entry, jax.tree_util.SequenceKey):
-            names.append(str(entry.idx))
-        elif isinstance(entry, jax.tree_util.FlattenedIndexKey):
-            names.append(str(entry.key))
-        else:
-            names.append(str(entry))
-    return tuple(names)
-
-
-def module_path(names: Sequence[str]) -> str:
-    """Returns the dotted path of the module holding a weight leaf.
-
-    Args:
-        names: Segments of the leaf's path, e.g.
-            ``("params", "model", "layers", "0", "self_attn", "q_proj", "kernel")``.
-
-    Returns:
-        The parent path without a leading ``params`` collection, e.g.
-        ``"model.layers.0.self_attn.q_proj"`` (``""`` for a leaf at the root).
-    """
-    parents = list(names[:-1])
-    if parents and parents[0] == _COLLECTION:
-        parents = parents[1:]
-    return ".".join(parents)
-
-
-def leaf_name(names: Sequence[str]) -> str:
-    """Returns the last segment of a leaf path (e.g. ``"kernel"``), ``""`` for an empty path."""
-    return names[-1] if names else ""
 
 
 def module_leaf_items(tree: Any) -> list[tuple[str, str, int]]:
@@ -154,8 +96,14 @@ def module_leaf_items(tree: Any) -> list[tuple[str, str, int]]:
     items = []
     for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         names = keypath_to_names(keypath)
-        items.append((module_path(names), leaf_name(names), len(getattr(leaf, "shape", ()))))
+        ndim = len(getattr(leaf, "shape", ()))
+        items.append((module_path(names, ndim), leaf_name(names), ndim))
     return items
+
+
+def leaf_name(names: Sequence[str]) -> str:
+    """Returns the last segment of a leaf path (e.g. ``"kernel"``), ``""`` for an empty path."""
+    return names[-1] if names else ""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -258,6 +206,11 @@ def suffix_match(key: str, names: Targets, field: str = "modules_to_save") -> bo
     if isinstance(names, str):
         return _compile(names, field).fullmatch(key) is not None
     return any(key.endswith(n) for n in _str_collection(names, field))
+
+
+def exact_regex(paths: Iterable[str]) -> str:
+    """A regex that full-matches exactly ``paths`` (longest first, so alternation is exact)."""
+    return "|".join(re.escape(p) for p in sorted(paths, key=lambda p: (-len(p), p)))
 
 
 def layer_index(key: str, layers_pattern: LayersPattern = None) -> int | None:

@@ -29,9 +29,16 @@ def _live(node: Adapted) -> set[str]:
 
 
 def _split_node(node: Adapted):
+    """``(trainable, frozen)`` halves of one node: a live adapter's arrays go to the trainable
+    half except its spec's `frozen_arrays` (e.g. shared random projections), which stay frozen;
+    a half with no arrays of an adapter holds ``None`` for it."""
     live = _live(node)
-    train = {n: (a if n in live and a else None) for n, a in node.arrays.items()}
-    frozen = {n: (None if n in live and a else a) for n, a in node.arrays.items()}
+    train, frozen = {}, {}
+    for n, a in node.arrays.items():
+        fixed = node.spec(n).frozen_arrays
+        t = {k: v for k, v in a.items() if k not in fixed} if n in live and a else {}
+        f = {k: v for k, v in a.items() if k not in t} if a else a
+        train[n], frozen[n] = t or None, (f if f or not t else None)
     return node.replace(base=None, arrays=train), node.replace(arrays=frozen)
 
 
@@ -44,6 +51,18 @@ def partition(params):
         lambda x: _split_node(x)[1] if is_adapted(x) else x, params, is_leaf=is_adapted
     )
     return t, f
+
+
+def _lacks_trainable(f: Adapted, n: str, a) -> bool:
+    """Whether the trainable half must bring arrays of adapter ``n`` whose frozen half is
+    ``a``: all of them (``None``), or those beside the `frozen_arrays` of a live adapter."""
+    if a is None:
+        return True
+    spec = f.spec(n)
+    if n not in _live(f) or not set(a) <= spec.frozen_arrays:
+        return False
+    want = _expected_shapes(spec)
+    return want is not None and bool(set(want) - set(a))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -60,7 +79,7 @@ def _expected_shapes(spec) -> dict[str, tuple[int, ...]] | None:
 
 
 def _keystr(kp) -> str:
-    from .paths import keypath_to_names
+    from ._tree import keypath_to_names
 
     return ".".join(keypath_to_names(kp)) or "<root>"
 
@@ -94,7 +113,7 @@ def combine(trainable, frozen):
         for n, a in f.arrays.items():
             ta = t.arrays.get(n) if t is not None else None
             if ta is None:
-                if a is None:
+                if _lacks_trainable(f, n, a):
                     raise PartitionError(
                         f"`combine`: adapter {n!r} at `{_keystr(kp)}` is trainable in `frozen`, "
                         "but `trainable` has no arrays for it; pass `(trainable, frozen)` from "
@@ -113,7 +132,7 @@ def combine(trainable, frozen):
                             f"{list(want[k])} (trees from different injections, e.g. another "
                             "rank?)."
                         )
-            arrays[n] = ta
+            arrays[n] = {**a, **ta} if isinstance(a, dict) and isinstance(ta, dict) else ta
         return f.replace(arrays=arrays)
 
     try:
@@ -153,12 +172,6 @@ def _size(x) -> int:
     return int(np.prod(getattr(x, "shape", ()))) if x is not None else 0
 
 
-def _adapter_size(arrays) -> int:
-    """Parameters of one adapter's arrays as PEFT counts them: DoRA's cached ``weight_norm``
-    is not a parameter. Excluded layers of a stacked weight store no arrays, so add nothing."""
-    return sum(_size(v) for k, v in arrays.items() if k != "weight_norm")
-
-
 def count_parameters(params) -> tuple[int, int]:
     """``(trainable, all)`` parameter counts, as HF PEFT's ``get_nb_trainable_parameters``:
     all = base weights plus every adapter's arrays; trainable = active, unmerged adapters that
@@ -169,7 +182,7 @@ def count_parameters(params) -> tuple[int, int]:
             live = _live(x)
             total += _size(x.base)
             for n in x.names:
-                size = _adapter_size(x.arrays.get(n))
+                size = x.spec(n).parameter_count(x.arrays.get(n))
                 total += size
                 trainable += size if n in live else 0
         else:
@@ -196,16 +209,16 @@ def summary(params, print_fn=print) -> str:
     Columns: module path, leaf, base shape and dtype, adapter (method and rank), its
     parameter count, and its state (active / merged / off).
     """
-    from .transforms import _walk
+    from ._tree import walk
 
     rows = [("module", "leaf", "base", "adapter", "params", "state")]
-    for l in _walk(params)[0]:
+    for l in walk(params)[0]:
         node = l.value
         if not is_adapted(node):
             continue
         base = f"{node.base.dtype}{list(node.base.shape)}"
         for n, spec in node.specs:
-            count = _adapter_size(node.arrays[n])
+            count = spec.parameter_count(node.arrays[n])
             state = "merged" if n in node.merged else ("active" if n in node.active else "off")
             state += ", frozen" if n in node.frozen else ""
             rows.append((l.module, l.name, base, f"{n}: {spec.describe()}", f"{count:,d}", state))

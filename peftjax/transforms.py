@@ -1,11 +1,8 @@
 """The pure transforms: inject, set_active, delete, merge, unmerge, merge_and_unload, unload,
 and the queries. None of them modifies its input; each returns a new tree.
 
-Module paths: a leaf named ``kernel``, ``embedding``, ``weight``, ``w``, ``bias``, ``b`` or
-``scale`` (or any leaf with fewer than 2 dims) belongs to the module of its parent dict, whose
-dotted path (leading linen ``params`` collection dropped) is the module path. Any other array leaf
-with 2 or more dims is a module of its own, named by its full path (plain trees like
-``{"q": W_q, "k": W_k}``).
+Module paths are `peftjax._tree`'s; which modules a config adapts is `peftjax._plan`'s; what
+each method does is its registry row's (`peftjax.methods`).
 """
 
 from __future__ import annotations
@@ -15,13 +12,24 @@ import functools
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import paths as P
+from ._plan import plan_injection
+from ._tree import (
+    Leaf,
+    adapted_nodes,
+    bias_leaf,
+    global_active,
+    group_modules,
+    rebuild,
+    subtree_leaves,
+    walk,
+    weight_leaf,
+)
 from .config import AdapterConfig
 from .errors import (
     AdapterNameError,
@@ -32,100 +40,9 @@ from .errors import (
     TargetError,
     UnsupportedModuleError,
 )
-from .layout import Layout, LayoutSpec, resolve_layout
-from .methods import CopySpec, IA3BiasSpec, IA3Spec, LoHaSpec, LoKrSpec, LoraSpec, Spec
-from .node import Adapted, is_adapted, leaves_with_paths
-
-WEIGHT_NAMES = ("kernel", "weight", "embedding", "w")
-BIAS_NAMES = ("bias", "b")
-# Leaves that belong to their parent dict's module whatever their rank: a DenseGeneral bias
-# (heads, head_dim) or a scanned layer's bias / norm scale (L, features) is not a module.
-MEMBER_NAMES = WEIGHT_NAMES + BIAS_NAMES + ("scale",)
-ADAPTABLE = {
-    "lora": ("dense", "conv", "embed"),
-    "loha": ("dense", "conv"),
-    "lokr": ("dense", "conv"),
-    "ia3": ("dense", "conv"),
-}
-
-
-# ---------------------------------------------------------------------------------- walking
-
-
-@dataclasses.dataclass
-class _Leaf:
-    index: int
-    names: tuple[str, ...]
-    name: str  # leaf name
-    module: str  # module path
-    value: Any  # array or Adapted
-
-    @property
-    def base(self):
-        return self.value.base if is_adapted(self.value) else self.value
-
-
-def _dotted(names: Sequence[str]) -> str:
-    names = list(names)
-    if names and names[0] == "params":
-        names = names[1:]
-    return ".".join(names)
-
-
-def _walk(params) -> tuple[list[_Leaf], Any]:
-    flat, treedef = leaves_with_paths(params)
-    leaves = []
-    for i, (kp, leaf) in enumerate(flat):
-        names = P.keypath_to_names(kp)
-        name = names[-1] if names else ""
-        base = leaf.base if is_adapted(leaf) else leaf
-        ndim = len(getattr(base, "shape", ()))
-        own = name not in MEMBER_NAMES and ndim >= 2
-        module = _dotted(names[:-1])
-        if own or not module:  # a weight at the root is a module of its own
-            module = _dotted(names)
-        leaves.append(_Leaf(i, names, name, module, leaf))
-    return leaves, treedef
-
-
-def _rebuild(treedef, leaves: list[_Leaf]):
-    # every node of the result is a new object with its own `arrays` dicts (`Adapted` copies
-    # them), even where a transform left it as it was: no tree shares a container with another
-    vals = [l.value.replace() if is_adapted(l.value) else l.value for l in leaves]
-    return jax.tree_util.tree_unflatten(treedef, vals)
-
-
-def _modules(leaves: list[_Leaf]) -> dict[str, list[_Leaf]]:
-    out: dict[str, list[_Leaf]] = {}
-    for l in leaves:
-        out.setdefault(l.module, []).append(l)
-    return out
-
-
-def _weight_leaf(group: list[_Leaf]) -> _Leaf | None:
-    arrays = [l for l in group if len(getattr(l.base, "shape", ())) >= 2]
-    for wname in WEIGHT_NAMES:
-        for l in arrays:
-            if l.name == wname:
-                return l
-    own = [l for l in arrays if l.name not in MEMBER_NAMES]
-    return own[0] if len(own) == 1 else None
-
-
-def _bias_leaf(group: list[_Leaf], weight: _Leaf) -> _Leaf | None:
-    for l in group:
-        if l is not weight and l.name in BIAS_NAMES:
-            return l
-    return None
-
-
-def _nodes(leaves):
-    return [l.value for l in leaves if is_adapted(l.value)]
-
-
-def _global_active(leaves) -> tuple[str, ...]:
-    nodes = _nodes(leaves)
-    return nodes[0].active if nodes else ()
+from .layout import Layout, LayoutSpec
+from .methods import COPY, DERIVED, Spec, modules_to_save_spec
+from .node import Adapted, is_adapted
 
 
 def adapter_names(params) -> tuple[str, ...]:
@@ -138,7 +55,7 @@ def adapter_names(params) -> tuple[str, ...]:
     """
     seen: dict[str, None] = {}
     after: dict[str, set[str]] = {}
-    for node in _nodes(_walk(params)[0]):
+    for node in adapted_nodes(walk(params)[0]):
         names = node.names
         for n in names:
             seen[n] = None
@@ -156,7 +73,7 @@ def adapter_names(params) -> tuple[str, ...]:
 
 def active(params) -> tuple[str, ...]:
     """The active adapter names (``()`` when adapters are off or there are none)."""
-    return _global_active(_walk(params)[0])
+    return global_active(walk(params)[0])
 
 
 def targeted_modules(params, name: str | None = None) -> list[str]:
@@ -164,7 +81,7 @@ def targeted_modules(params, name: str | None = None) -> list[str]:
     if name is not None:
         _check_names(params, [name], "name")
     mods = set()
-    for l in _walk(params)[0]:
+    for l in walk(params)[0]:
         if is_adapted(l.value) and (name is None or name in l.value.names):
             mods.add(l.module)
     return sorted(mods)
@@ -206,74 +123,10 @@ def _check_names(params, names, field: str):
 # ---------------------------------------------------------------------------------- inject
 
 
-def _specs_for(config: AdapterConfig, module: str, layout: Layout, shape, mask, r, alpha) -> Spec:
-    """The static spec of one adapter on one weight."""
-    nl = int(np.prod(layout.stack_shape(shape))) if layout.stack else 1
-    method = config.method
-    if method in ("lora", "loha", "lokr"):
-        s = config.scaling(r, alpha) if method == "lora" else alpha / r
-    else:
-        s = 1.0
-    scaling = tuple(float(s) if on else 0.0 for on in (mask if mask is not None else [True] * nl))
-    # a stacked weight with some slices excluded stores only the others (compact, see Spec)
-    layers = None if mask is None or all(mask) else tuple(i for i, on in enumerate(mask) if on)
-    common = dict(layout=layout, shape=tuple(shape), scaling=scaling, layers=layers)
-    if method == "lora":
-        return LoraSpec(
-            **common,
-            r=r,
-            use_dora=config.use_dora,
-            lora_dropout=float(config.lora_dropout),
-            init_weights=config.init_lora_weights,
-        )
-    if method == "loha":
-        return LoHaSpec(
-            **common,
-            r=r,
-            rank_dropout=float(config.rank_dropout),
-            module_dropout=float(config.module_dropout),
-            init_weights=config.init_weights,
-            effective_conv=bool(config.use_effective_conv2d)
-            and layout.kind == "conv"
-            and _ksize(layout, shape) > 1,
-        )
-    if method == "lokr":
-        return LoKrSpec(
-            **common,
-            r=r,
-            decompose_both=config.decompose_both,
-            decompose_factor=config.decompose_factor,
-            rank_dropout=float(config.rank_dropout),
-            module_dropout=float(config.module_dropout),
-            rank_dropout_scale=config.rank_dropout_scale,
-            init_weights=config.init_weights,
-            use_effective_conv2d=bool(config.use_effective_conv2d),
-        )
-    if method == "ia3":
-        ff = config.feedforward_modules
-        is_ff = bool(ff) and P.suffix_match(module, ff, "feedforward_modules")
-        return IA3Spec(**common, feedforward=is_ff, init_weights=config.init_ia3_weights)
-    raise ConfigError(f"unknown method {method!r}")
-
-
-def _ksize(layout: Layout, shape) -> int:
-    return int(np.prod(layout.spatial(shape)))
-
-
-def _layer_mask(config, module: str, layout: Layout, shape):
-    """Per-layer on/off for stacked weights with ``layers_to_transform``."""
-    ltt = getattr(config, "layers_to_transform", None)
-    if ltt is None or not layout.stack:
-        return None
-    n = int(np.prod(layout.stack_shape(shape)))
-    wanted = {ltt} if isinstance(ltt, int) else set(ltt)
-    return [i in wanted for i in range(n)]
-
-
 def _validate_name(name, leaves):
     if not isinstance(name, str) or not name:
         raise AdapterNameError(f"`name` must be a non-empty str, got {name!r}.")
-    for node in _nodes(leaves):
+    for node in adapted_nodes(leaves):
         if name in node.names:
             raise AdapterNameError(
                 f"`name`: an adapter named {name!r} already exists; pick another name or "
@@ -282,7 +135,7 @@ def _validate_name(name, leaves):
 
 
 def _new_node(
-    l: _Leaf, name: str, spec: Spec, arrays, act: tuple[str, ...], frozen: bool = False
+    l: Leaf, name: str, spec: Spec, arrays, act: tuple[str, ...], frozen: bool = False
 ) -> Adapted:
     if is_adapted(l.value):
         node = l.value
@@ -327,7 +180,7 @@ def _abstract(params) -> bool:
     )
 
 
-def _check_layout_keys(layouts, groups: dict[str, list[_Leaf]]) -> None:
+def _check_layout_keys(layouts, groups: dict[str, list[Leaf]]) -> None:
     """Every key of a ``layouts`` dict must match some module (resolve_layout's rule)."""
     if layouts is None or isinstance(layouts, Layout) or callable(layouts):
         return
@@ -336,7 +189,7 @@ def _check_layout_keys(layouts, groups: dict[str, list[_Leaf]]) -> None:
             "`layouts`: expected a `pj.Layout`, a dict {module regex or suffix: Layout} or a "
             f"callable (module_path, array) -> Layout | None, got {type(layouts).__name__}."
         )
-    mods = [m for m, g in groups.items() if m and _weight_leaf(g) is not None] or [
+    mods = [m for m, g in groups.items() if m and weight_leaf(g) is not None] or [
         m for m in groups if m
     ]
     unmatched = []
@@ -376,7 +229,7 @@ def inject(
 
     Args:
       params: a linen param dict (with or without ``params``), an nnx ``State`` or any pytree.
-      config: a `LoraConfig`, `LoHaConfig`, `LoKrConfig`, `IA3Config` or `LNTuningConfig`.
+      config: the config of any registered method (`peftjax.methods.METHODS`).
       key: PRNG key for the initialisation (each module gets ``fold_in(key, i)``); an int
         seed means ``jax.random.key(seed)``.
       name: the adapter's name.
@@ -413,179 +266,54 @@ def inject(
     if _abstract(params):
         # abstract leaves: check everything on the abstract tree, then run under eval_shape
         return jax.eval_shape(lambda p: inject(p, config, key=key, **kw), params)
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     _validate_name(name, leaves)
-    groups = _modules(leaves)
+    groups = group_modules(leaves)
     _check_layout_keys(layouts, groups)
-    method = config.method
-    if config.target_modules is None:
-        raise ConfigError(
-            "`target_modules=None`: peftjax has no per-architecture default; name the modules, "
-            "e.g. target_modules=['q_proj', 'v_proj'] or 'all-linear'."
-        )
-
     mts = getattr(config, "modules_to_save", None)
-    if method == "ln_tuning":
-        candidates = [m for m in groups if m]
-    else:
-        candidates = [m for m, g in groups.items() if _weight_leaf(g) is not None]
     save_paths = P.select_modules_to_save(list(groups), mts) if mts else []
-    linear = None
-    if P.is_all_linear(config.target_modules):
-        items = [
-            (m, w.name, _linear_ndim(layouts, m, w))
-            for m in candidates
-            if (w := _weight_leaf(groups[m]))
-        ]
-        linear = P.select_all_linear(items, task_type=getattr(config, "task_type", None))
-    ltt = getattr(config, "layers_to_transform", None)
-    lpat = getattr(config, "layers_pattern", None)
-    selected = P.select_modules(
-        candidates,
-        target_modules=config.target_modules,
-        exclude_modules=config.exclude_modules,
-        modules_to_save=save_paths,
-        linear_modules=linear,
-        forbid_with_str_target=False,
-    )
-
-    # Resolve layouts first (errors name the module), then the layer filter.
-    plan = []
-    for mod in selected:
-        group = groups[mod]
-        if method == "ln_tuning":
-            # A copy is taken whole (LN tuning has no per-layer filter), so `layouts` (which
-            # describe matrix views, and need not fit a 1-D or stacked norm) do not apply.
-            plan.append((mod, group, None))
-            continue
-        w = _weight_leaf(group)
-        lay = resolve_layout(layouts, mod, w.name, w.base)
-        if lay.kind not in ADAPTABLE[method]:
-            raise UnsupportedModuleError(
-                f"module `{mod}`: {method} cannot adapt a {lay.kind} weight (shape "
-                f"{tuple(w.base.shape)}); it adapts {', '.join(ADAPTABLE[method])} weights."
-            )
-        plan.append((mod, w, lay))
-    if ltt is not None and not isinstance(config.target_modules, str):
-        # PEFT's layer filter (list targets only); stacked weights are filtered per layer slice.
-        plan = [
-            item
-            for item in plan
-            if (
-                item[2] is not None
-                and item[2].stack
-                and any(_layer_mask(config, item[0], item[2], item[1].base.shape))
-            )  # a stacked weight with no selected layer slice is not adapted
-            or P.matches_target(
-                item[0], config.target_modules, layers_to_transform=ltt, layers_pattern=lpat
-            )
-        ]
-        if not plan:
-            raise TargetError(
-                f"`layers_to_transform={ltt!r}`"
-                + (f" with `layers_pattern={lpat!r}`" if lpat else "")
-                + f" left no module among the targeted ones: {selected[:5]}."
-            )
-
-    rank_pattern = getattr(config, "rank_pattern", {}) or {}
-    alpha_pattern = getattr(config, "alpha_pattern", {}) or {}
-    targeted = [item[0] for item in plan]
-    if rank_pattern:
-        P.check_pattern_keys(targeted, rank_pattern, "rank_pattern")
-    if alpha_pattern:
-        P.check_pattern_keys(targeted, alpha_pattern, "alpha_pattern")
-
-    frozen = not trainable
-    prior = _global_active(leaves)
-    first = not _nodes(leaves)
-    do_activate = first if activate is None else activate
+    plan = plan_injection(config, groups, layouts, save_paths)
+    prior = global_active(leaves)
+    do_activate = (not adapted_nodes(leaves)) if activate is None else activate
     act = (prior + (name,)) if do_activate and name not in prior else prior
+    new = _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, not trainable)
+    return rebuild(treedef, [_with_active(l, act) for l in new])
 
+
+def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, frozen) -> list[Leaf]:
+    """The leaves with adapter ``name`` added as ``plan`` says (module ``i`` initialised with
+    ``fold_in(key, i)``), and the ``modules_to_save`` copies."""
     new = list(leaves)
-    for i, (mod, item, lay) in enumerate(plan):
+
+    def add(l: Leaf, spec, arrays) -> None:
+        node = _new_node(new[l.index], name, spec, arrays, act, frozen)
+        new[l.index] = dataclasses.replace(l, value=node)
+
+    for i, item in enumerate(plan):
         mkey = jax.random.fold_in(key, i)
-        if method == "ln_tuning":
-            for l in item:
-                spec = CopySpec(
-                    layout=lay or Layout("dense", stack=0),
-                    shape=tuple(l.base.shape),
-                    scaling=tuple(
-                        1.0 if on else 0.0
-                        for on in (_layer_mask(config, mod, lay, l.base.shape) or [True])
-                    )
-                    if lay and lay.stack
-                    else (1.0,),
-                    kind="ln_tuning",
-                )
-                new[l.index] = dataclasses.replace(
-                    l, value=_new_node(l, name, spec, spec.init(mkey, l.base), act, frozen)
-                )
+        if item.weight is None:  # a method that copies whole modules: every leaf
+            for l in item.leaves:
+                spec = config.module_spec(item.module, None, tuple(l.base.shape), None)
+                add(l, spec, spec.init(mkey, l.base))
             continue
-        w = item
-        r = int(P.get_pattern_value(mod, rank_pattern, getattr(config, "r", 1)))
-        alpha = P.get_pattern_value(
-            mod, alpha_pattern, getattr(config, "lora_alpha", getattr(config, "alpha", 1))
-        )
-        mask = _layer_mask(config, mod, lay, w.base.shape)
+        w, shape = item.weight, tuple(item.weight.base.shape)
         try:
-            spec = _specs_for(config, mod, lay, w.base.shape, mask, r, alpha)
+            spec = config.module_spec(item.module, item.layout, shape, item.mask)
         except UnsupportedModuleError as err:  # a spec's own shape check: name the module
-            raise UnsupportedModuleError(f"module `{mod}`: {err}") from None
-        arrays = spec.init(mkey, w.base, dtype)
-        new[w.index] = dataclasses.replace(w, value=_new_node(w, name, spec, arrays, act, frozen))
-        if isinstance(spec, IA3Spec) and not spec.feedforward:
-            b = _bias_leaf(groups[mod], w)
-            if b is not None:
-                bspec = IA3BiasSpec(
-                    layout=Layout("dense", stack=lay.stack),
-                    shape=tuple(b.base.shape),
-                    scaling=spec.scaling,
-                    owner=w.name,
-                )
-                new[b.index] = dataclasses.replace(
-                    b, value=_new_node(b, name, bspec, {}, act, frozen)
-                )
+            raise UnsupportedModuleError(f"module `{item.module}`: {err}") from None
+        add(w, spec, spec.init(mkey, w.base, dtype))
+        b = bias_leaf(groups[item.module], w)
+        companion = spec.bias_companion(tuple(b.base.shape), w.name) if b is not None else None
+        if companion is not None:
+            add(b, companion, {})
     for mod in save_paths:
-        for l in _subtree(groups, mod):
-            spec = CopySpec(
-                layout=Layout("dense"),
-                shape=tuple(l.base.shape),
-                scaling=(1.0,),
-                kind="modules_to_save",
-            )
-            new[l.index] = dataclasses.replace(
-                l,
-                value=_new_node(new[l.index], name, spec, spec.init(None, l.base), act, frozen),
-            )
-    new = [_with_active(l, act) for l in new]
-    return _rebuild(treedef, new)
+        for l in subtree_leaves(groups, mod):
+            spec = modules_to_save_spec(tuple(l.base.shape))
+            add(l, spec, spec.init(None, l.base))
+    return new
 
 
-def _linear_ndim(layouts: LayoutSpec, mod: str, w: _Leaf) -> int:
-    """A weight's ndim as ``"all-linear"`` sees it: 2 for a kernel that ``layouts`` reads as one
-    dense matrix per layer (stacked or DenseGeneral kernels are Linear layers), else its own."""
-    if layouts:
-        try:
-            if resolve_layout(layouts, mod, w.name, w.base).kind == "dense":
-                return 2
-        except UnsupportedModuleError:
-            pass
-    return w.base.ndim
-
-
-def _str_tuple(t) -> tuple[str, ...]:
-    return tuple(t) if not isinstance(t, str) else (t,)
-
-
-def _subtree(groups, mod: str) -> list[_Leaf]:
-    out = []
-    for m, g in groups.items():
-        if m == mod or m.startswith(mod + "."):
-            out.extend(g)
-    return out
-
-
-def _with_active(l: _Leaf, act: tuple[str, ...]) -> _Leaf:
+def _with_active(l: Leaf, act: tuple[str, ...]) -> Leaf:
     if is_adapted(l.value) and l.value.active != act:
         return dataclasses.replace(l, value=l.value.replace(active=act))
     return l
@@ -604,27 +332,25 @@ def set_active(params, names: str | Sequence[str] | None):
     _check_names(params, names, "names")
     if len(set(names)) != len(names):
         raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     for l in leaves:
         if is_adapted(l.value):
-            copies = [
-                n for n in names if n in l.value.names and isinstance(l.value.spec(n), CopySpec)
-            ]
+            copies = [n for n in names if n in l.value.names and l.value.spec(n).role == COPY]
             if len(copies) > 1:
                 raise AdapterNameError(
                     f"`names`: adapters {copies} each replace module `{l.module}` (LN tuning / "
                     "modules_to_save); only one of them can be active."
                 )
-    if any(node.merged for node in _nodes(leaves)):
-        merged = sorted({n for node in _nodes(leaves) for n in node.merged})
+    if any(node.merged for node in adapted_nodes(leaves)):
+        merged = sorted({n for node in adapted_nodes(leaves) for n in node.merged})
         warnings.warn(
             f"Adapter cannot be set when the model is merged. Unmerging the model first "
             f"(adapters {merged} unmerged).",
             UserWarning,
             stacklevel=2,
         )
-        leaves, treedef = _walk(unmerge(params))
-    return _rebuild(treedef, [_with_active(l, names) for l in leaves])
+        leaves, treedef = walk(unmerge(params))
+    return rebuild(treedef, [_with_active(l, names) for l in leaves])
 
 
 def set_trainable(params, names: str | Sequence[str] | None = None, trainable: bool = True):
@@ -638,7 +364,7 @@ def set_trainable(params, names: str | Sequence[str] | None = None, trainable: b
         raise ArgumentTypeError(f"`trainable`: expected a bool, got {trainable!r}.")
     names = adapter_names(params) if names is None else _names_arg(names, "names")
     _check_names(params, names, "names")
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     out = []
     for l in leaves:
         node = l.value
@@ -650,12 +376,12 @@ def set_trainable(params, names: str | Sequence[str] | None = None, trainable: b
                 fz = node.frozen + tuple(n for n in mine if n not in node.frozen)
             l = dataclasses.replace(l, value=node.replace(frozen=fz))
         out.append(l)
-    return _rebuild(treedef, out)
+    return rebuild(treedef, out)
 
 
 def frozen_adapters(params) -> tuple[str, ...]:
     """Names of the adapters marked frozen (`set_trainable`, ``inference_mode=True``)."""
-    fz = {n for node in _nodes(_walk(params)[0]) for n in node.frozen}
+    fz = {n for node in adapted_nodes(walk(params)[0]) for n in node.frozen}
     return tuple(n for n in adapter_names(params) if n in fz)
 
 
@@ -663,13 +389,13 @@ def delete(params, name: str):
     """Remove adapter ``name`` everywhere. If it was active, the other active ones stay active;
     if none remain, the first of the sorted remaining names becomes active (as PEFT)."""
     _check_names(params, [name], "name")
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     for l in leaves:
         if is_adapted(l.value) and name in l.value.merged:
             raise MergeError(
                 f"adapter {name!r} is merged into `{l.module}`; `pj.unmerge` before deleting it."
             )
-    prior = _global_active(leaves)
+    prior = global_active(leaves)
     remaining = [n for n in adapter_names(params) if n != name]
     act = tuple(n for n in prior if n != name)
     if name in prior and not act and remaining:
@@ -689,7 +415,7 @@ def delete(params, name: str):
                 node = node.replace(active=act)
             l = dataclasses.replace(l, value=node)
         out.append(l)
-    return _rebuild(treedef, out)
+    return rebuild(treedef, out)
 
 
 # ---------------------------------------------------------------------------------- merging
@@ -705,19 +431,12 @@ def _unmerge_kernel(spec: Spec, w32, arrays):
     return spec.unmerge(w32, arrays)
 
 
-def _ia3_bias_factor(group: list[_Leaf], bias_node: Adapted, name: str):
-    spec: IA3BiasSpec = bias_node.spec(name)
+def owner_of(group: list[Leaf], spec, name: str):
+    """``(spec, arrays)`` of adapter ``name`` on the sibling leaf a `DERIVED` spec follows."""
     for l in group:
         if l.name == spec.owner and is_adapted(l.value) and name in l.value.names:
-            o_spec, arrays = l.value.spec(name), l.value.arrays[name]
-            if not o_spec.layout.stack:
-                return o_spec.bias_vector(arrays, o_spec.scaling[0])
-            # per layer: the layer's own ia3_l, or ones where layers_to_transform turned it off
-            full = o_spec.expand(arrays)["ia3_l"]
-            flat = {"ia3_l": full.reshape(o_spec.n_layers, -1)}
-            vec = jax.vmap(o_spec.bias_vector)(flat, o_spec.scale_array())
-            return vec.reshape(full.shape)
-    raise MergeError(f"IA3 bias owner `{spec.owner}` not found")
+            return l.value.spec(name), l.value.arrays[name]
+    raise MergeError(f"adapter {name!r}: the leaf `{spec.owner}` it follows is not in the module")
 
 
 def _fold(node: Adapted, group, names, undo: bool):
@@ -727,16 +446,15 @@ def _fold(node: Adapted, group, names, undo: bool):
     w = None
     for n in names:
         spec = node.spec(n)
-        if isinstance(spec, CopySpec):
+        if spec.role == COPY:
             if w is not None:
                 base, w = w.astype(base.dtype), None
             base, arrays[n] = spec.merge(base, arrays[n])
             continue
         if w is None:
             w = base.astype(jnp.float32)
-        if isinstance(spec, IA3BiasSpec):
-            f = _ia3_bias_factor(group, node, n).reshape(w.shape)
-            w = w / (f + 1e-8) if undo else w * f
+        if spec.role == DERIVED:
+            w = spec.derived_value(w, *owner_of(group, spec, n), undo=undo)
             continue
         fn = _unmerge_kernel if undo else _merge_kernel
         w, arrays[n] = fn(spec, w, arrays[n])
@@ -757,8 +475,8 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
     """
     if not isinstance(safe, (bool, np.bool_)):
         raise ArgumentTypeError(f"`safe`: expected a bool, got {safe!r}.")
-    leaves, treedef = _walk(params)
-    names = _global_active(leaves) if names is None else _names_arg(names, "names")
+    leaves, treedef = walk(params)
+    names = global_active(leaves) if names is None else _names_arg(names, "names")
     _check_names(params, names, "names")
     if len(set(names)) != len(names):  # would fold the same delta in twice
         raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
@@ -776,7 +494,7 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
                 "call `pj.merge(..., safe=True)` outside the transform, or merge without `safe` "
                 "and check `jnp.isfinite` on the result yourself."
             )
-    groups = _modules(leaves)
+    groups = group_modules(leaves)
     out = []
     for l in leaves:
         node = l.value
@@ -792,15 +510,15 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
                 node = node.replace(base=base, arrays=arrays, merged=node.merged + tuple(todo))
             l = dataclasses.replace(l, value=node)
         out.append(l)
-    return _rebuild(treedef, out)
+    return rebuild(treedef, out)
 
 
 def unmerge(params):
     """Undo `merge`: every merged adapter is taken out, last merged first."""
-    leaves, treedef = _walk(params)
-    if not any(node.merged for node in _nodes(leaves)):
+    leaves, treedef = walk(params)
+    if not any(node.merged for node in adapted_nodes(leaves)):
         raise MergeError("`unmerge`: no adapter is merged.")
-    groups = _modules(leaves)
+    groups = group_modules(leaves)
     out = []
     for l in leaves:
         node = l.value
@@ -809,11 +527,11 @@ def unmerge(params):
             node = node.replace(base=base, arrays=arrays, merged=())
             l = dataclasses.replace(l, value=node)
         out.append(l)
-    return _rebuild(treedef, out)
+    return rebuild(treedef, out)
 
 
 def _strip(params):
-    leaves, treedef = _walk(params)
+    leaves, treedef = walk(params)
     return jax.tree_util.tree_unflatten(
         treedef, [l.value.base if is_adapted(l.value) else l.value for l in leaves]
     )
@@ -827,6 +545,6 @@ def merge_and_unload(params, names: str | Sequence[str] | None = None, *, safe: 
 
 def unload(params):
     """The original base tree, adapters dropped (merged adapters are unmerged first)."""
-    if any(node.merged for node in _nodes(_walk(params)[0])):
+    if any(node.merged for node in adapted_nodes(walk(params)[0])):
         params = unmerge(params)
     return _strip(params)

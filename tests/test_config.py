@@ -12,18 +12,10 @@ import jax.numpy as jnp
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from peftjax.config import (
-    PEFT_TYPES,
-    AdapterConfig,
-    FrozenDict,
-    IA3Config,
-    LNTuningConfig,
-    LoHaConfig,
-    LoKrConfig,
-    LoraConfig,
-    config_from_dict,
-)
+from peftjax import IA3Config, LNTuningConfig, LoHaConfig, LoKrConfig, LoraConfig
+from peftjax.config import AdapterConfig, FrozenDict
 from peftjax.errors import ConfigError
+from peftjax.methods import PEFT_TYPES, config_from_dict
 
 # What PEFT 0.21.2 writes to adapter_config.json for a default config of each type (read from
 # its source: the dataclass fields of `PeftConfig` and of each `tuners/<method>/config.py`).

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import peftjax as pj
 from peftjax.errors import ConfigError, TargetError
 from peftjax.paths import (
     check_pattern_keys,
@@ -73,8 +74,16 @@ def test_list_indices_and_plain_names():
     tree = {"model": {"layers": [{"w": {"kernel": jnp.ones(2)}}, ({"bias": jnp.ones(1)},)]}}
     got = [keypath_to_names(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     assert got == [("model", "layers", "0", "w", "kernel"), ("model", "layers", "1", "0", "bias")]
-    assert module_path(("params", "kernel")) == ""
+    # one definition with `pj.inject`'s walk: a weight at the root is a module of its own, and a
+    # 2-D array not named like a member leaf is a module of its own (plain trees)
+    assert module_path(("params", "kernel")) == "kernel"
     assert module_path(("a", "params", "kernel")) == "a.params"  # only a leading collection
+    assert module_path(("model", "q"), ndim=2) == "model.q"
+    assert module_path(("model", "q"), ndim=1) == "model"
+    p = pj.inject(
+        {"model": {"q": jnp.ones((3, 3))}}, pj.LoraConfig(r=1, target_modules=["q"]), key=0
+    )
+    assert pj.targeted_modules(p) == [module_path(("model", "q"), ndim=2)]
     assert keypath_to_names(("layers", 3, "kernel")) == ("layers", "3", "kernel")
 
 

@@ -31,7 +31,7 @@ import pytest
 from flax import nnx
 
 import peftjax as pj
-from peftjax.transforms import _walk
+from peftjax._tree import walk
 from tests.conftest import make_gpt2
 
 B, T, D, H, R = 2, 11, 24, 40, 4  # tokens 22; weights 24x24, 24x40, 40x24
@@ -174,7 +174,7 @@ EXEMPT_FROM_HLO = {"loha"}
 def analytic(params, tokens: int) -> float:
     """Analytic FLOPs that the adapters add to a training step (forward + backward)."""
     total = 0.0
-    for leaf in _walk(params)[0]:
+    for leaf in walk(params)[0]:
         node = leaf.value
         if not isinstance(node, pj.Adapted):
             continue
@@ -227,7 +227,7 @@ def activation_copies(hlo: str, params, tokens: int) -> list[str]:
     (``tokens x F`` elements, ``F`` its ``in`` or ``out``) into a feature-major layout: the
     relayout XLA:CPU makes for ``x^T @ g`` on 3-D activations (``(F, B, T)``)."""
     feats = set()
-    for leaf in _walk(params)[0]:
+    for leaf in walk(params)[0]:
         if isinstance(leaf.value, pj.Adapted):
             feats |= set(leaf.value.specs[0][1].in_out)
     out = []
@@ -243,7 +243,7 @@ def activation_copies(hlo: str, params, tokens: int) -> list[str]:
 
 def weight_sizes(params) -> set[int]:
     sizes = set()
-    for leaf in _walk(params)[0]:
+    for leaf in walk(params)[0]:
         if isinstance(leaf.value, pj.Adapted):
             spec = leaf.value.specs[0][1]
             i, o = spec.in_out

@@ -32,6 +32,7 @@ parameter count (PEFT's count). ``scaling`` stays one factor per layer of the *f
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, ClassVar
@@ -40,10 +41,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import ShapeError
+from .. import paths as P
+from .._torch_layout import Rule
+from ..errors import ConfigError, ShapeError
 from ..layout import Layout
 
 Arrays = dict[str, Any]
+
+#: `Spec.role` values. ``delta``: the adapter changes its weight through the method's rules.
+#: ``copy``: a copy of the leaf that replaces it while active (LN tuning, ``modules_to_save``).
+#: ``derived``: no arrays of its own; the leaf follows the adapter of a sibling leaf (`owner`).
+DELTA, COPY, DERIVED = "delta", "copy", "derived"
 
 
 def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
@@ -77,6 +85,13 @@ class Spec:
     layers: tuple[int, ...] | None = dataclasses.field(default=None, kw_only=True)
 
     method: ClassVar[str] = "?"
+    #: see `DELTA`, `COPY`, `DERIVED`
+    role: ClassVar[str] = DELTA
+    #: arrays that are caches, not parameters (not counted, as PEFT counts)
+    buffers: ClassVar[frozenset[str]] = frozenset()
+    #: arrays that never train: `partition` keeps them in the frozen half (no gradient, no
+    #: optimizer state)
+    frozen_arrays: ClassVar[frozenset[str]] = frozenset()
     #: the forward rule reads the base output ``y`` and so must come first in a chain
     needs_base_output: ClassVar[bool] = False
     #: rule has a factored matrix forward (`linear_forward`); otherwise the delta is built
@@ -135,6 +150,44 @@ class Spec:
         `needs_base_output` or the method asks for it); ``rng`` is ``None`` outside training.
         """
         raise NotImplementedError
+
+    # ---- optional: files and special forwards (the generic code asks, the method answers) ---
+    def file_rules(self) -> dict[str, tuple[str, Rule]]:
+        """``{array name: (PEFT key suffix, torch layout rule)}`` of one layer's arrays; empty
+        for a spec that has no PEFT format."""
+        return {}
+
+    def fusable(self, training: bool) -> bool:
+        """Whether, when not differentiated, the forward may apply ``x @ (W + dW)`` with the
+        delta built once (`delta_layer`) instead of the factored rule. ``training``: an rng is
+        given (dropout active)."""
+        return False
+
+    @property
+    def conv_factored(self) -> bool:
+        """Has a factored forward on a conv kernel (`conv_forward`)."""
+        return False
+
+    def conv_forward(self, conv, x, y, arrays: Arrays, scale, rng, feature_axis: int):
+        """``y`` (the base conv output) plus the adapter, given ``conv(x, kernel)`` that runs
+        the module's own convolution on another kernel (``feature_axis`` of ``y`` holds the
+        output features)."""
+        raise NotImplementedError
+
+    @property
+    def gather_factored(self) -> bool:
+        """Has a factored forward on an embedding lookup (`gathered_forward`)."""
+        return False
+
+    def gathered_forward(self, gather, y, arrays: Arrays, scale):
+        """``y`` (the looked-up rows of the base table) plus the adapter, given
+        ``gather(table)`` that looks up the same ids in another ``(vocab, n)`` table."""
+        raise NotImplementedError
+
+    def bias_companion(self, bias_shape: tuple[int, ...], owner: str) -> Spec | None:
+        """A `DERIVED` spec for the module's bias leaf when the method also changes the bias
+        (IA3 on outputs), else ``None``."""
+        return None
 
     # ---- shared --------------------------------------------------------------------------
     @property
@@ -232,8 +285,13 @@ class Spec:
     def unmerge(self, w32, arrays: Arrays):
         return self._over_layers(self.unmerge_layer, w32, arrays)
 
-    def trainable_count(self, arrays: Arrays) -> int:
-        return int(sum(np.prod(v.shape) for v in arrays.values()))
+    def parameter_count(self, arrays: Arrays | None) -> int:
+        """Parameters of the stored arrays as PEFT counts them (`buffers` are not)."""
+        return sum(
+            int(np.prod(getattr(v, "shape", ()))) if v is not None else 0
+            for k, v in (arrays or {}).items()
+            if k not in self.buffers
+        )
 
     # helpers for the matrix view of one layer
     def to_matrix(self, w_layer):
@@ -272,3 +330,93 @@ def lycoris_dropout(y_delta, rng, rank_dropout: float, module_dropout: float, re
         keep = jax.random.uniform(k2, ()) >= module_dropout
         y_delta = jnp.where(keep, y_delta, jnp.zeros_like(y_delta))
     return y_delta
+
+
+# ------------------------------------------------------------------------------------ configs
+
+
+def spec_fields(layout: Layout, shape, mask, s: float) -> dict[str, Any]:
+    """The `Spec` fields every method shares, for one weight with per-layer ``mask`` (``None``:
+    every layer) and the module's scale ``s``: a stacked weight with some slices excluded stores
+    only the others (compact, module docstring)."""
+    nl = int(np.prod(layout.stack_shape(shape))) if layout.stack else 1
+    on = mask if mask is not None else [True] * nl
+    layers = None if mask is None or all(mask) else tuple(i for i, m in enumerate(mask) if m)
+    return dict(
+        layout=layout,
+        shape=tuple(shape),
+        scaling=tuple(float(s) if m else 0.0 for m in on),
+        layers=layers,
+    )
+
+
+class RankedConfig:
+    """Config mixin of methods with a rank ``r``, a scale ``alpha`` (field `alpha_field`) and
+    PEFT's ``rank_pattern`` / ``alpha_pattern``; `scaling` is theirs."""
+
+    alpha_field: ClassVar[str] = "alpha"
+
+    def rank_alpha(self, path: str) -> tuple[int, int | float]:
+        r = P.get_pattern_value(path, self.rank_pattern, self.r)
+        alpha = P.get_pattern_value(
+            path, self.alpha_pattern, getattr(self, self.alpha_field), "alpha_pattern"
+        )
+        return int(r), alpha
+
+    def module_scale(self, path: str) -> tuple[int, float]:
+        """``(r, scaling)`` of module ``path``."""
+        r, alpha = self.rank_alpha(path)
+        return r, self.scaling(r, alpha)
+
+
+def one_value(entries: list, field: str, get) -> Any:
+    """The one value ``get(spec)`` of every entry; `ConfigError` when they disagree."""
+    vals = {get(e.spec) for e in entries}
+    if len(vals) > 1:
+        raise ConfigError(
+            f"the adapter's modules disagree on `{field}` ({sorted(map(repr, vals))}), which an "
+            "adapter_config.json holds once; pass `config=` to `save_pretrained`."
+        )
+    return vals.pop()
+
+
+def _alpha_of(scale: float, r: int, rslora: bool = False) -> int | float:
+    a = scale * (math.sqrt(r) if rslora else r)
+    ra = round(a)
+    return int(ra) if abs(a - ra) <= 1e-9 * max(1.0, abs(a)) else a
+
+
+def _most_common(values: list) -> Any:
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def ranked_fields(entries: list, alpha_field: str, try_rslora: bool = False) -> dict[str, Any]:
+    """``r``, alpha, ``rank_pattern`` and ``alpha_pattern`` (and ``use_rslora`` when
+    ``try_rslora``) that give every entry its rank and scaling.
+
+    ``r`` and alpha are the most common values; modules that differ get exact-path pattern
+    entries. Alpha is ``scaling * r``, or ``scaling * sqrt(r)`` with ``use_rslora`` when that
+    gives whole numbers and fewer patterns (both give exactly the adapter's scalings)."""
+    rank = {e.peft_path: e.spec.r for e in entries}
+
+    def alphas(rslora: bool) -> dict[str, int | float]:
+        return {
+            e.peft_path: _alpha_of(e.spec.scaling[e.layer or 0], e.spec.r, rslora) for e in entries
+        }
+
+    def untidy(a: dict) -> tuple[int, int]:
+        return sum(isinstance(v, float) for v in a.values()), len(set(a.values()))
+
+    alpha, rslora = alphas(False), False
+    if try_rslora and untidy(alphas(True)) < untidy(alpha):
+        alpha, rslora = alphas(True), True  # e.g. an rsLoRA adapter: whole alphas, fewer patterns
+    r0, a0 = _most_common(list(rank.values())), _most_common(list(alpha.values()))
+    out = {
+        "r": r0,
+        alpha_field: a0,
+        "rank_pattern": {k: v for k, v in sorted(rank.items()) if v != r0},
+        "alpha_pattern": {k: v for k, v in sorted(alpha.items()) if v != a0},
+    }
+    if try_rslora:
+        out["use_rslora"] = rslora
+    return out

@@ -15,10 +15,76 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..errors import UnsupportedModuleError
-from .base import Spec
+from .. import _torch_layout as L, paths as P
+from ..config import AdapterConfig, check_bool, fail, module_names, regex_field
+from ..errors import ConfigError, UnsupportedModuleError
+from ..layout import Layout
+from .base import DERIVED, Spec, one_value, spec_fields
 
 EPS = 1e-8
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class IA3Config(AdapterConfig):
+    """(IA)^3: learned vectors scaling a module's output (or its input, for feedforward modules).
+
+    When `target_modules` and `feedforward_modules` are both lists, every feedforward name must be
+    one of the target names (PEFT's rule: a plain set inclusion, not a match).
+
+    >>> IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"]).feedforward_modules
+    ('wo',)
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+    method: ClassVar[str] = "ia3"
+
+    feedforward_modules: str | tuple[str, ...] | None = None
+    fan_in_fan_out: bool = False
+    init_ia3_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ff = regex_field(
+            "feedforward_modules",
+            module_names("feedforward_modules", self.feedforward_modules, empty_ok=True),
+        )
+        self._set("feedforward_modules", ff)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_bool("init_ia3_weights", self.init_ia3_weights)
+        targets = self.target_modules
+        if isinstance(ff, tuple) and isinstance(targets, tuple) and not set(ff) <= set(targets):
+            raise fail(
+                "feedforward_modules",
+                list(ff),
+                f"must be a subset of `target_modules` ({list(targets)}); "
+                f"missing {sorted(set(ff) - set(targets))}.",
+            )
+
+    def is_feedforward(self, path: str) -> bool:
+        return P.suffix_match(path, self.feedforward_modules, "feedforward_modules")
+
+    def module_spec(self, path, layout, shape, mask):
+        return IA3Spec(
+            **spec_fields(layout, shape, mask, 1.0),
+            feedforward=self.is_feedforward(path),
+            init_weights=self.init_ia3_weights,
+        )
+
+    def check_module(self, peft_path, spec):
+        if spec.feedforward != self.is_feedforward(peft_path):
+            raise ConfigError(
+                f"`config.feedforward_modules` disagrees with the adapter on `{peft_path}`."
+            )
+
+    def narrowed_fields(self, peft_paths):
+        ff = [m for m, paths in peft_paths.items() if any(self.is_feedforward(p) for p in paths)]
+        return {"feedforward_modules": f"(?:{P.exact_regex(ff)})" if ff else None}
+
+    @classmethod
+    def from_specs(cls, entries, common):
+        ff = sorted({e.peft_path for e in entries if e.spec.feedforward}) or None
+        init = one_value(entries, "init_ia3_weights", lambda s: s.init_weights)
+        return cls(**common, feedforward_modules=ff, init_ia3_weights=init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +149,24 @@ class IA3Spec(Spec):
             return ((x2 * l.astype(x2.dtype)).astype(dt) @ w2.astype(dt)).astype(y2.dtype)
         return (y2 * l.astype(y2.dtype)).astype(y2.dtype)
 
+    def file_rules(self):
+        nsp = len(self.layout.spatial(self.shape))
+        if self.layout.kind == "conv":
+            rule = L.conv_vector(nsp)
+        else:
+            rule = L.ROW if self.feedforward else L.COLUMN
+        return {"ia3_l": ("ia3_l", rule)}
+
+    def bias_companion(self, bias_shape, owner):
+        if self.feedforward:
+            return None
+        return IA3BiasSpec(
+            layout=Layout("dense", stack=self.layout.stack),
+            shape=tuple(bias_shape),
+            scaling=self.scaling,
+            owner=owner,
+        )
+
     def bias_vector(self, arrays, scale):
         """The factor an output-scaling IA3 applies to the module's bias (ones if feedforward)."""
         if self.feedforward:
@@ -97,8 +181,25 @@ class IA3BiasSpec(Spec):
 
     owner: str = "kernel"
 
-    method: ClassVar[str] = "ia3_bias"
+    method: ClassVar[str] = "ia3"
+    role: ClassVar[str] = DERIVED
     factored: ClassVar[bool] = False
+
+    def factor(self, owner_spec: IA3Spec, owner_arrays):
+        """The factor the bias is multiplied by: the owner's per-output vector (per layer for a
+        stacked weight: its own ``ia3_l``, or ones where ``layers_to_transform`` left it out)."""
+        if not owner_spec.layout.stack:
+            return owner_spec.bias_vector(owner_arrays, owner_spec.scaling[0])
+        full = owner_spec.expand(owner_arrays)["ia3_l"]
+        flat = {"ia3_l": full.reshape(owner_spec.n_layers, -1)}
+        vec = jax.vmap(owner_spec.bias_vector)(flat, owner_spec.scale_array())
+        return vec.reshape(full.shape)
+
+    def derived_value(self, b, owner_spec, owner_arrays, undo: bool = False):
+        """The bias with the owner's adapter folded in (``undo``: taken out, PEFT's ``+ eps``)."""
+        f = self.factor(owner_spec, owner_arrays).reshape(b.shape)
+        b32 = b.astype(jnp.float32)
+        return b32 / (f + EPS) if undo else b32 * f
 
     def init_layer(self, key, w_layer, scale, dtype):
         return {}

@@ -17,12 +17,55 @@ transposed), same for ``2``; ``R = einsum('klji,nj,pi->klnp', t, w_b, w_a)`` is 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from .base import Spec, kaiming_uniform, lycoris_dropout
+from .. import _torch_layout as L
+from ..config import check_bool
+from .base import Spec, kaiming_uniform, lycoris_dropout, one_value, spec_fields
+from .lycoris import LycorisConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoHaConfig(LycorisConfig):
+    """LoHa (Hadamard product of two low-rank products), as HF PEFT's `LoHaConfig`.
+
+    >>> LoHaConfig(r=4, alpha=8, target_modules=["q_proj"]).scaling(4, 8)
+    2.0
+    """
+
+    peft_type: ClassVar[str] = "LOHA"
+    method: ClassVar[str] = "loha"
+
+    init_weights: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("init_weights", self.init_weights)
+
+    def module_spec(self, path, layout, shape, mask):
+        r, s = self.module_scale(path)
+        return LoHaSpec(
+            **spec_fields(layout, shape, mask, s),
+            r=r,
+            rank_dropout=float(self.rank_dropout),
+            module_dropout=float(self.module_dropout),
+            init_weights=self.init_weights,
+            effective_conv=bool(self.use_effective_conv2d)
+            and layout.kind == "conv"
+            and math.prod(layout.spatial(shape)) > 1,
+        )
+
+    @classmethod
+    def from_specs(cls, entries, common):
+        big = cls.big_convs(entries)
+        effective = (
+            one_value(big, "use_effective_conv2d", lambda s: s.effective_conv) if big else False
+        )
+        return cls(**common, **cls.lycoris_fields(entries), use_effective_conv2d=effective)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +80,12 @@ class LoHaSpec(Spec):
 
     def describe(self) -> str:
         return f"loha(r={self.r})"
+
+    def file_rules(self):
+        out = {n: (n, L.TRANSPOSE) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+        if self.effective_conv:  # Tucker cores [r, r, kh, kw] <-> (kh, kw, r, r)
+            out.update({n: (n, L.CONV) for n in ("hada_t1", "hada_t2")})
+        return out
 
     def init_layer(self, key, w_layer, scale, dtype):
         n_in, n_out = self.in_out

@@ -22,13 +22,16 @@ Forward never builds the Kronecker product: ``x (N, c*d) -> (N, c, d)`` and
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
+from .. import _torch_layout as L
+from ..config import check_bool, fail, is_int
 from ..errors import UnsupportedModuleError
-from .base import Spec, kaiming_uniform, lycoris_dropout
+from .base import Spec, kaiming_uniform, lycoris_dropout, one_value, spec_fields
+from .lycoris import LycorisConfig
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -55,6 +58,64 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     if m > n:
         n, m = m, n
     return m, n
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoKrConfig(LycorisConfig):
+    """LoKr (Kronecker product of two factors), as HF PEFT's `LoKrConfig`.
+
+    `init_weights` is True (w1 = 0), False (all random) or "lycoris" (w2 = 0).
+
+    >>> LoKrConfig(r=4, alpha=8, decompose_both=False, decompose_factor=-1).method
+    'lokr'
+    """
+
+    peft_type: ClassVar[str] = "LOKR"
+    method: ClassVar[str] = "lokr"
+
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+    init_weights: bool | Literal["lycoris"] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bool("decompose_both", self.decompose_both)
+        check_bool("rank_dropout_scale", self.rank_dropout_scale)
+        if not is_int(self.decompose_factor):
+            raise fail("decompose_factor", self.decompose_factor, "must be an int (-1: automatic).")
+        if not isinstance(self.init_weights, bool) and self.init_weights != "lycoris":
+            raise fail("init_weights", self.init_weights, "must be True, False or 'lycoris'.")
+
+    def module_spec(self, path, layout, shape, mask):
+        r, s = self.module_scale(path)
+        return LoKrSpec(
+            **spec_fields(layout, shape, mask, s),
+            r=r,
+            decompose_both=self.decompose_both,
+            decompose_factor=self.decompose_factor,
+            rank_dropout=float(self.rank_dropout),
+            module_dropout=float(self.module_dropout),
+            rank_dropout_scale=self.rank_dropout_scale,
+            init_weights=self.init_weights,
+            use_effective_conv2d=bool(self.use_effective_conv2d),
+        )
+
+    @classmethod
+    def from_specs(cls, entries, common):
+        one = lambda field: one_value(entries, field, lambda s: getattr(s, field))  # noqa: E731
+        return cls(
+            **common,
+            **cls.lycoris_fields(entries),
+            use_effective_conv2d=one_value(
+                cls.big_convs(entries) or entries,
+                "use_effective_conv2d",
+                lambda s: s.use_effective_conv2d,
+            ),
+            decompose_both=one("decompose_both"),
+            decompose_factor=one("decompose_factor"),
+            rank_dropout_scale=one("rank_dropout_scale"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +165,16 @@ class LoKrSpec(Spec):
         """PEFT: ``use_effective_conv2d`` and a kernel larger than 1x1, in the decomposed branch."""
         sp = self.layout.spatial(self.shape)
         return self.use_effective_conv2d and bool(sp) and tuple(sp) != (1, 1) and not self.use_w2
+
+    def file_rules(self):
+        names = ["lokr_w1"] if self.use_w1 else ["lokr_w1_a", "lokr_w1_b"]
+        names += ["lokr_w2"] if self.use_w2 else ["lokr_w2_a", "lokr_w2_b"]
+        if self.effective_conv:
+            names.append("lokr_t2")
+        conv = self.layout.kind == "conv"
+        return {
+            n: (n, L.CONV if conv and n in ("lokr_w2", "lokr_t2") else L.TRANSPOSE) for n in names
+        }
 
     def describe(self) -> str:
         return f"lokr(r={self.r})"

@@ -17,13 +17,175 @@ Arrays of one layer, Flax orientation (``in`` before ``out``):
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 
+from .. import _torch_layout as L
+from ..config import (
+    AdapterConfig,
+    FrozenDict,
+    check_alpha,
+    check_bool,
+    check_dropout,
+    check_rank,
+    fail,
+    pattern_field,
+    unsupported,
+)
 from ..layout import Layout
-from .base import Spec, dropout, kaiming_uniform
+from .base import (
+    RankedConfig,
+    Spec,
+    dropout,
+    kaiming_uniform,
+    one_value,
+    ranked_fields,
+    spec_fields,
+)
+
+_LORA_INITS_SUPPORTED = (True, False, "gaussian")
+# init_lora_weights values PEFT 0.21 knows but peftjax does not implement (they change the base
+# weights, need data or freeze a factor); also "pissa_niter_<n>" and "corda..." prefixes.
+_LORA_INITS_UNSUPPORTED = frozenset(
+    {"pissa", "olora", "loftq", "eva", "corda", "orthogonal", "mica", "lora_ga"}
+)
+
+
+def _lora_init(v: Any) -> bool | str:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        low = v.lower()
+        if low == "gaussian":
+            return "gaussian"
+        if low in _LORA_INITS_UNSUPPORTED or low.startswith(("pissa_niter_", "corda")):
+            raise fail(
+                "init_lora_weights",
+                v,
+                "this initialisation is not supported by peftjax; "
+                f"use one of {list(_LORA_INITS_SUPPORTED)}.",
+            )
+    raise fail("init_lora_weights", v, f"unknown value; use one of {list(_LORA_INITS_SUPPORTED)}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig(RankedConfig, AdapterConfig):
+    """LoRA (and DoRA with `use_dora=True`), as HF PEFT's `LoraConfig`.
+
+    `scaling = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` and
+    `alpha_pattern` override r and alpha per module.
+
+    >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    >>> cfg.scaling(cfg.r, cfg.lora_alpha)
+    2.0
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    method: ClassVar[str] = "lora"
+    PEFT_IGNORED_FIELDS: ClassVar[Mapping[str, Any]] = FrozenDict(
+        {
+            **AdapterConfig.PEFT_IGNORED_FIELDS,
+            # Select torch Megatron tensor-parallel layer classes; same math.
+            "megatron_config": None,
+            "megatron_core": "megatron.core",
+            # Sub-configs PEFT reads only for their own `init_lora_weights` value (rejected here)
+            # or for `use_qalora=True` (rejected); PEFT itself ignores them otherwise.
+            "loftq_config": FrozenDict(),
+            "eva_config": None,
+            "corda_config": None,
+            "lora_ga_config": None,
+            "qalora_group_size": 16,
+            # Torch bookkeeping for tied modules; in a JAX tree a tied weight is one leaf.
+            "ensure_weight_tying": False,
+        }
+    )
+    PEFT_UNSUPPORTED_FIELDS: ClassVar[Mapping[str, Any]] = FrozenDict(
+        {
+            "use_qalora": False,  # QA-LoRA: pooled inputs
+            "alora_invocation_tokens": None,  # aLoRA: adapter on only part of the sequence
+            "velora_config": None,  # VeLoRA: compressed-activation backward pass
+            "monteclora_config": None,  # MonteCLoRA: stochastic adapter weights
+            "use_bdlora": None,  # BD-LoRA: block-diagonal factors
+            "arrow_config": None,  # Arrow: routing between adapters
+            "kasa_config": None,  # KaSA: truncates the base weight, adds lora_diag
+        }
+    )
+
+    r: int = 8
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    rank_pattern: FrozenDict[int] = dataclasses.field(default_factory=FrozenDict)
+    alpha_pattern: FrozenDict[int | float] = dataclasses.field(default_factory=FrozenDict)
+    use_dora: bool = False
+    # PEFT fields that change the math; only their defaults are supported.
+    lora_bias: bool = False
+    layer_replication: None = None
+    target_parameters: None = None
+    trainable_token_indices: None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_rank("r", self.r)
+        check_alpha("lora_alpha", self.lora_alpha)
+        check_dropout("lora_dropout", self.lora_dropout)
+        for name in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias"):
+            check_bool(name, getattr(self, name))
+        if self.bias not in ("none", "all", "lora_only"):
+            raise fail("bias", self.bias, "must be 'none', 'all' or 'lora_only'.")
+        if self.bias != "none":
+            raise unsupported("bias", self.bias, "none")
+        if self.lora_bias:
+            raise unsupported("lora_bias", self.lora_bias, False)
+        for name in ("layer_replication", "target_parameters", "trainable_token_indices"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple, dict)) and not value):
+                raise unsupported(name, value, None)
+            self._set(name, None)
+        self._set("init_lora_weights", _lora_init(self.init_lora_weights))
+        self._check_layers(str_targets_forbidden=True)
+        self._set("rank_pattern", pattern_field("rank_pattern", self.rank_pattern, check_rank))
+        self._set("alpha_pattern", pattern_field("alpha_pattern", self.alpha_pattern, check_alpha))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """PEFT's LoRA scale: `alpha / r`, or `alpha / sqrt(r)` with `use_rslora`."""
+        check_rank("r", r)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    alpha_field: ClassVar[str] = "lora_alpha"
+
+    @property
+    def method_label(self) -> str:
+        return "dora" if self.use_dora else "lora"
+
+    def module_spec(self, path, layout, shape, mask):
+        r, s = self.module_scale(path)
+        return LoraSpec(
+            **spec_fields(layout, shape, mask, s),
+            r=r,
+            use_dora=self.use_dora,
+            lora_dropout=float(self.lora_dropout),
+            init_weights=self.init_lora_weights,
+        )
+
+    @classmethod
+    def from_specs(cls, entries, common):
+        return cls(
+            **common,
+            **ranked_fields(entries, "lora_alpha", try_rslora=True),
+            use_dora=one_value(entries, "use_dora", lambda s: s.use_dora),
+            lora_dropout=one_value(entries, "lora_dropout", lambda s: s.lora_dropout),
+            init_lora_weights=one_value(entries, "init_lora_weights", lambda s: s.init_weights),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +196,7 @@ class LoraSpec(Spec):
     init_weights: bool | str = True
 
     method: ClassVar[str] = "lora"
+    buffers: ClassVar[frozenset[str]] = frozenset({"weight_norm"})  # DoRA's merge-time norm
     # DoRA on an excluded (scale 0) slice: ``g = m / norm`` is finite, then discarded
     identity: ClassVar[dict[str, float]] = {"lora_magnitude_vector": 1.0, "weight_norm": 1.0}
 
@@ -121,9 +284,57 @@ class LoraSpec(Spec):
         y = y2.astype(acc) + (g - 1) * base_d.astype(acc) + g * lora * scale
         return jnp.where(scale != 0, y, y2.astype(acc)).astype(y2.dtype)
 
-    def gathered_forward(self, a_rows, y, arrays, scale):
-        """Embedding forward given ``a_rows = A[ids]``: ``y + (A[ids] @ B) * scale``."""
-        out = a_rows @ arrays["lora_B"]
+    # ---- files and special forwards ----------------------------------------------------------
+    def file_rules(self):
+        kind, nsp = self.layout.kind, len(self.layout.spatial(self.shape))
+        if kind == "embed":
+            out = {
+                "lora_A": ("lora_embedding_A", L.TRANSPOSE),
+                "lora_B": ("lora_embedding_B", L.TRANSPOSE),
+            }
+            mag = L.SAME
+        elif kind == "conv":
+            out = {
+                "lora_A": ("lora_A.weight", L.CONV),
+                "lora_B": ("lora_B.weight", L.conv_1x1(nsp)),
+            }
+            mag = L.conv_vector(nsp)
+        else:
+            out = {
+                "lora_A": ("lora_A.weight", L.TRANSPOSE),
+                "lora_B": ("lora_B.weight", L.TRANSPOSE),
+            }
+            mag = L.SAME
+        if self.use_dora:
+            out["lora_magnitude_vector"] = ("lora_magnitude_vector", mag)
+        return out
+
+    def fusable(self, training):
+        return not self.use_dora and not (training and self.lora_dropout > 0)
+
+    @property
+    def conv_factored(self):
+        return not self.use_dora and self.layout.kind == "conv"
+
+    def conv_forward(self, conv, x, y, arrays, scale, rng, feature_axis):
+        """PEFT's conv LoRA: ``conv(dropout(x), A)`` then the 1x1 ``B``."""
+        a = arrays["lora_A"]
+        dt = jnp.promote_types(x.dtype, a.dtype)
+        xd = dropout(x.astype(dt), self.lora_dropout, rng)
+        t = conv(xd, a.astype(dt))
+        t = jnp.moveaxis(
+            jnp.moveaxis(t, feature_axis, -1) @ arrays["lora_B"].astype(dt), -1, feature_axis
+        )
+        acc = jnp.promote_types(y.dtype, t.dtype)
+        return (y.astype(acc) + t * jnp.asarray(scale, t.dtype)).astype(y.dtype)
+
+    @property
+    def gather_factored(self):
+        return not self.use_dora and self.layout.kind == "embed"
+
+    def gathered_forward(self, gather, y, arrays, scale):
+        """Embedding forward: ``y + (A[ids] @ B) * scale``."""
+        out = gather(arrays["lora_A"]) @ arrays["lora_B"]
         acc = jnp.promote_types(y.dtype, out.dtype)
         return (y.astype(acc) + out * scale).astype(y.dtype)
 

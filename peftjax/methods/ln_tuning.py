@@ -1,4 +1,5 @@
-"""LN tuning and ``modules_to_save``: a trainable copy of a leaf replaces the base while active.
+"""LN tuning (PEFT's ``LNTuningConfig``) and the ``modules_to_save`` copies every method has: a
+trainable copy of a leaf replaces the base while active.
 
 One layer's array: ``weight`` (a full copy of the leaf). Merge swaps base and copy (PEFT's LN
 tuning merge swaps the base layer and its copy; unmerge swaps back).
@@ -11,15 +12,48 @@ from typing import ClassVar
 
 import jax.numpy as jnp
 
-from .base import Spec
+from ..config import AdapterConfig
+from ..layout import Layout
+from .base import COPY, Spec
+
+#: PEFT's key infix of LN tuning copies: ``<module>.ln_tuning_layers.<param>``
+LN_INFIX = "ln_tuning_layers"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LNTuningConfig(AdapterConfig):
+    """LN tuning: a trainable copy of each targeted normalisation layer.
+
+    >>> LNTuningConfig(target_modules=["input_layernorm"]).method
+    'ln_tuning'
+    """
+
+    peft_type: ClassVar[str] = "LN_TUNING"
+    method: ClassVar[str] = "ln_tuning"
+
+    def module_spec(self, path, layout, shape, mask):
+        return CopySpec(layout=Layout("dense", stack=0), shape=tuple(shape), scaling=(1.0,))
+
+    @classmethod
+    def from_specs(cls, entries, common):
+        return cls(**common)
 
 
 @dataclasses.dataclass(frozen=True)
 class CopySpec(Spec):
     kind: str = "ln_tuning"  # or "modules_to_save"
 
-    method: ClassVar[str] = "copy"
+    role: ClassVar[str] = COPY
     factored: ClassVar[bool] = False
+
+    @property
+    def method(self) -> str:  # type: ignore[override]
+        return self.kind
+
+    @property
+    def file_infix(self) -> str | None:
+        """The key infix of the copy's parameters (``None``: plain ``<module>.<param>``)."""
+        return LN_INFIX if self.kind == "ln_tuning" else None
 
     def describe(self) -> str:
         return self.kind
