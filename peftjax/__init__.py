@@ -50,6 +50,7 @@ from .training import (
 from .transforms import (
     active as active,
     adapter_names as adapter_names,
+    constrain as constrain,
     delete as delete,
     frozen_adapters as frozen_adapters,
     inject as inject,
@@ -64,9 +65,10 @@ from .transforms import (
 
 __version__ = "0.1.0"
 
-# Every registered method's config class, by its PEFT name (`pj.LoraConfig`, ...): the registry
-# row is the one place a method is listed.
+# Every registered method's config class, by its PEFT name (`pj.LoraConfig`, ...), and its
+# own public functions (`Method.api`): the registry row is the one place a method is listed.
 _CONFIGS = {m.config.__name__: m.config for m in METHODS.values()}
+_CONFIGS.update({n: f for m in METHODS.values() for n, f in m.api.items()})
 globals().update(_CONFIGS)
 
 __all__ = sorted(
@@ -116,6 +118,7 @@ __all__ = sorted(
         "unload",
         "unmerge",
         "METHODS",
+        "constrain",
         *_CONFIGS,
     ]
 )

@@ -37,7 +37,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, TypeVar
 
-from peftjax.errors import ConfigError
+from peftjax.errors import ConfigError, PeftJaxError
 
 __all__ = [
     "PEFT_FORMAT_VERSION",
@@ -349,6 +349,20 @@ class AdapterConfig:
         ``mask``: for a stacked weight with ``layers_to_transform``, one bool per layer slice
         (``None``: every slice)."""
         raise NotImplementedError(f"{type(self).__name__} builds no module spec")
+
+    def module_specs(self, items: list[tuple[str, Any, tuple[int, ...], Any]]) -> list[Any]:
+        """The specs of every module an injection adapts, ``items`` = ``[(path, layout, shape,
+        mask)]`` in tree order. One `module_spec` per module unless the method plans them
+        together (VeRA sizes its shared projections for every module)."""
+        out = []
+        for path, layout, shape, mask in items:
+            try:
+                out.append(self.module_spec(path, layout, shape, mask))
+            except PeftJaxError as err:  # a spec's own shape check: name the module
+                if f"`{path}`" in str(err):
+                    raise
+                raise type(err)(f"module `{path}`: {err}") from None
+        return out
 
     @property
     def method_label(self) -> str:

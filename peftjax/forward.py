@@ -498,7 +498,7 @@ def _is_array(x) -> bool:
 def _prepare(args_tree):
     """Replace adapted leaves: returns (flat values, flat bindings (or None), treedef)."""
     from ._tree import group_modules, walk
-    from .transforms import owner_of
+    from .transforms import owner_of, with_shared
 
     leaves, treedef = walk(args_tree)
     groups = None
@@ -524,7 +524,10 @@ def _prepare(args_tree):
                 value = spec.derived_value(value, *owner).astype(value.dtype)
             else:
                 # full-stack arrays (compact ones expanded): the scan ``xs`` need every layer
-                items.append((spec, spec.expand(arrays), _scale_of(spec)))
+                if groups is None and spec.shared_holder() is not None:
+                    groups = group_modules(leaves)
+                full = with_shared(groups or {}, spec, name, arrays)
+                items.append((spec, spec.expand(full), _scale_of(spec)))
         if items and any(s.role == COPY for _, s, _ in pend):
             # a copy plus other adapters on one leaf: just build the effective weight
             value, items = _effective(_binding(i, value, items), value, value.dtype), []

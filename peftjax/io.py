@@ -482,6 +482,9 @@ def _collect(
             raise FormatError(
                 f"`{where}`: adapter {name!r} ({spec.describe()}) has no PEFT format."
             )
+        arrays = spec.constrain(arrays)  # PEFT saves what its forward rewrote (COFT)
+        for arr_name, (key, rule) in spec.shared_file_keys().items():  # once, on the holder
+            put(key, rule.to_torch(np.asarray(arrays[arr_name])), where)
         host = {n: np.asarray(arrays[n]) for n in rules}  # one device -> host copy per array
         for i in _layers(spec):
             pm = map_key(key_map, leaf.module, i)
@@ -953,6 +956,8 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
     present: set[str] = set()  # PEFT module paths the file has adapter weights for
     unmatched = []
     for k in sorted(tensors):
+        if k in method.shared_keys:  # an adapter-wide array (the holder spec reads it)
+            continue
         kind, pm, suffix = file_key(k, method)
         hit = rev.get(pm)
         if hit is None or (kind == "copy" and not getattr(config, "modules_to_save", None)):
@@ -1062,6 +1067,7 @@ def _build_load(params, new, concrete: bool, plan: _LoadPlan, files: _Files, nam
                     leaf.module,
                     dtype,
                 )
+                arrays.update(_shared_from_file(spec, init, tensors, used, dtype))
                 node = _with_spec(node, name, spec)
             node = node.replace(arrays={**node.arrays, name: arrays})
         out.append(_carried_base(plan, leaf, node, name, tensors, used))
@@ -1076,6 +1082,23 @@ def _build_load(params, new, concrete: bool, plan: _LoadPlan, files: _Files, nam
             f"config ({type(files.config).__name__}): {left[:20]}"
         )
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _shared_from_file(spec, init, tensors, used, dtype) -> dict:
+    """A holder spec's shared arrays (`Spec.shared`): from the file where it has them (PEFT's
+    ``save_projection``), else `inject`'s values (VeRA regenerates them from its seed)."""
+    out = {}
+    keys = spec.shared_file_keys()
+    for arr_name in spec.shared if spec.shared_holder() is None else ():
+        key, rule = keys.get(arr_name, (None, None))
+        have = init()[arr_name]
+        if key is not None and key in tensors:
+            val = _from_file(key, tensors[key], rule, tuple(have.shape))
+            out[arr_name] = jnp.asarray(val, dtype)
+            used.add(key)
+        else:
+            out[arr_name] = jnp.asarray(have, dtype)
+    return out
 
 
 def _with_spec(node, name: str, spec):

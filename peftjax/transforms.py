@@ -38,7 +38,6 @@ from .errors import (
     ConfigError,
     MergeError,
     TargetError,
-    UnsupportedModuleError,
 )
 from .layout import Layout, LayoutSpec
 from .methods import COPY, DERIVED, Spec, modules_to_save_spec
@@ -289,6 +288,11 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         node = _new_node(new[l.index], name, spec, arrays, act, frozen)
         new[l.index] = dataclasses.replace(l, value=node)
 
+    weights = [p for p in plan if p.weight is not None]
+    specs = config.module_specs(
+        [(p.module, p.layout, tuple(p.weight.base.shape), p.mask) for p in weights]
+    )
+    spec_of = {id(p): s for p, s in zip(weights, specs)}
     for i, item in enumerate(plan):
         mkey = jax.random.fold_in(key, i)
         if item.weight is None:  # a method that copies whole modules: every leaf
@@ -296,11 +300,7 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
                 spec = config.module_spec(item.module, None, tuple(l.base.shape), None)
                 add(l, spec, spec.init(mkey, l.base))
             continue
-        w, shape = item.weight, tuple(item.weight.base.shape)
-        try:
-            spec = config.module_spec(item.module, item.layout, shape, item.mask)
-        except UnsupportedModuleError as err:  # a spec's own shape check: name the module
-            raise UnsupportedModuleError(f"module `{item.module}`: {err}") from None
+        w, spec = item.weight, spec_of[id(item)]
         add(w, spec, spec.init(mkey, w.base, dtype))
         b = bias_leaf(groups[item.module], w)
         companion = spec.bias_companion(tuple(b.base.shape), w.name) if b is not None else None
@@ -439,7 +439,22 @@ def owner_of(group: list[Leaf], spec, name: str):
     raise MergeError(f"adapter {name!r}: the leaf `{spec.owner}` it follows is not in the module")
 
 
-def _fold(node: Adapted, group, names, undo: bool):
+def with_shared(groups: dict[str, list[Leaf]], spec: Spec, name: str, arrays: dict) -> dict:
+    """``arrays`` of adapter ``name`` with the `Spec.shared` arrays of its holder leaf added
+    (VeRA's projections live on one leaf per adapter); ``arrays`` itself otherwise."""
+    holder = spec.shared_holder()
+    if holder is None:
+        return arrays
+    for l in groups.get(holder, ()):
+        if is_adapted(l.value) and name in l.value.names:
+            own = l.value.arrays[name]
+            return {**arrays, **{k: own[k] for k in spec.shared if k in own}}
+    raise MergeError(
+        f"adapter {name!r}: module `{holder}`, which holds its shared arrays, is not in the tree."
+    )
+
+
+def _fold(node: Adapted, group, names, undo: bool, groups=None):
     """New (base, arrays) of one node after merging (or unmerging) ``names`` in order."""
     base = node.base
     arrays = dict(node.arrays)
@@ -457,7 +472,9 @@ def _fold(node: Adapted, group, names, undo: bool):
             w = spec.derived_value(w, *owner_of(group, spec, n), undo=undo)
             continue
         fn = _unmerge_kernel if undo else _merge_kernel
-        w, arrays[n] = fn(spec, w, arrays[n])
+        full = with_shared(groups or {}, spec, n, arrays[n])
+        w, out = fn(spec, w, full)
+        arrays[n] = {k: v for k, v in out.items() if k in arrays[n] or k not in full}
     if w is not None:
         base = w.astype(node.base.dtype)
     return base, arrays
@@ -501,7 +518,7 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
         if is_adapted(node):
             todo = [n for n in names if n in node.names and n not in node.merged]
             if todo:
-                base, arrays = _fold(node, groups[l.module], todo, undo=False)
+                base, arrays = _fold(node, groups[l.module], todo, undo=False, groups=groups)
                 if safe and not bool(jnp.all(jnp.isfinite(base))):
                     raise MergeError(
                         f"safe merge: merging {todo} into `{l.module}` ({l.name}) gives non-finite "
@@ -523,9 +540,26 @@ def unmerge(params):
     for l in leaves:
         node = l.value
         if is_adapted(node) and node.merged:
-            base, arrays = _fold(node, groups[l.module], tuple(reversed(node.merged)), undo=True)
+            base, arrays = _fold(
+                node, groups[l.module], tuple(reversed(node.merged)), undo=True, groups=groups
+            )
             node = node.replace(base=base, arrays=arrays, merged=())
             l = dataclasses.replace(l, value=node)
+        out.append(l)
+    return rebuild(treedef, out)
+
+
+def constrain(params):
+    """Every adapter's arrays with its method's constraint applied (`Spec.constrain`): PEFT
+    rewrites constrained parameters (OFT's COFT projection) in place before each forward, so
+    calling this after each optimizer step trains as PEFT does. Identity for other methods."""
+    leaves, treedef = walk(params)
+    out = []
+    for l in leaves:
+        node = l.value
+        if is_adapted(node):
+            arrays = {n: node.spec(n).constrain(a) for n, a in node.arrays.items()}
+            l = dataclasses.replace(l, value=node.replace(arrays=arrays))
         out.append(l)
     return rebuild(treedef, out)
 

@@ -61,6 +61,10 @@ class Method:
       whole_modules: the method copies every leaf of a targeted module (LN tuning), whatever its
         shape, instead of adapting one weight.
       whole_infix: PEFT's key infix of those copies.
+      shared_keys: full file keys of adapter-wide arrays (not under a module path), e.g.
+        VeRA's ``base_model.vera_A``.
+      api: public functions of the method that ``peftjax`` exports by name (e.g. a method's
+        training-time functions).
       demos: ``{demo name: (config factory (rank) -> config, uses the rank, learning rate)}``
         for ``peftjax demo --method``.
     """
@@ -73,6 +77,8 @@ class Method:
     embed_suffixes: tuple[str, ...] = ()
     whole_modules: bool = False
     whole_infix: str | None = None
+    shared_keys: tuple[str, ...] = ()
+    api: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     demos: Mapping[str, tuple[Callable[[int], AdapterConfig], bool, float]] = dataclasses.field(
         default_factory=dict
     )

@@ -92,6 +92,9 @@ class Spec:
     #: arrays that never train: `partition` keeps them in the frozen half (no gradient, no
     #: optimizer state)
     frozen_arrays: ClassVar[frozenset[str]] = frozenset()
+    #: arrays that live on one holder leaf and serve every module of the adapter
+    #: (`shared_holder`)
+    shared: ClassVar[frozenset[str]] = frozenset()
     #: the forward rule reads the base output ``y`` and so must come first in a chain
     needs_base_output: ClassVar[bool] = False
     #: rule has a factored matrix forward (`linear_forward`); otherwise the delta is built
@@ -183,6 +186,25 @@ class Spec:
         """``y`` (the looked-up rows of the base table) plus the adapter, given
         ``gather(table)`` that looks up the same ids in another ``(vocab, n)`` table."""
         raise NotImplementedError
+
+    def constrain(self, arrays: Arrays) -> Arrays:
+        """The arrays with the method's constraint applied (PEFT rewrites them so in place
+        before every forward: COFT's projection); identity for most methods. `pj.constrain`
+        applies it to a tree, `save_pretrained` writes constrained arrays."""
+        return arrays
+
+    def shared_holder(self) -> str | None:
+        """For a method whose adapter shares arrays across modules (VeRA's projections): the
+        module path of the one leaf that holds them (``None`` on that leaf itself and for
+        methods without shared arrays). Generic code passes the holder's `shared` arrays to
+        this spec's rules beside its own."""
+        return None
+
+    def shared_file_keys(self) -> dict[str, tuple[str, Rule]]:
+        """``{array: (full file key, rule)}`` of shared arrays this (holder) spec writes once
+        per adapter, outside any module path (VeRA's ``base_model.vera_A``); `Method.
+        shared_keys` lists the keys so that loading recognises them."""
+        return {}
 
     def bias_companion(self, bias_shape: tuple[int, ...], owner: str) -> Spec | None:
         """A `DERIVED` spec for the module's bias leaf when the method also changes the bias

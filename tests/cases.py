@@ -1,0 +1,159 @@
+"""The one table of method cases that the suites share.
+
+Each `Case` is ``(name, config, tree family, layouts, ...)``: a method (and variant) on a kind of
+weight. `tests/test_invariants.py` runs every generic invariant over all of them; the forward,
+file and checkpoint suites take the rows they need (`rows`). `tests/test_conformance.py` fails
+when a registered method (`peftjax.methods.METHODS`) has no case here, so adding a method means
+adding its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import peftjax as pj
+from tests.conftest import DENSE_GENERAL_LAYOUTS, STACKED_LAYOUT
+
+# ------------------------------------------------------------------------------ the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    config: object
+    tree: str
+    layouts: object = None
+    zero_init_exact: bool = True  # a fresh adapter merges to bit-identical weights
+    stacked_layers: tuple[int, ...] | None = None  # layers_to_transform on a stacked tree
+
+    def __str__(self):
+        return self.name
+
+
+def methods(targets, ff):
+    """The method configs of the table, for given targets (ff: feedforward IA3 targets)."""
+    L, H, K = pj.LoraConfig, pj.LoHaConfig, pj.LoKrConfig
+    return {
+        "lora": L(r=2, lora_alpha=4, target_modules=targets),
+        "dora": L(r=2, lora_alpha=4, use_dora=True, target_modules=targets),
+        "loha": H(r=2, alpha=4, target_modules=targets),
+        # 16 -> (4, 4), 24 -> (4, 6), 8 -> (2, 4), conv channels 4 -> (2, 2), 8 -> (2, 4)
+        "lokr_full": K(r=8, alpha=4, target_modules=targets),  # lokr_w1 and lokr_w2 full
+        "lokr_decomposed": K(r=1, alpha=2, target_modules=targets),  # w2 = w2_b @ w2_a
+        "lokr_decompose_both": K(r=1, alpha=2, decompose_both=True, target_modules=targets),
+        "ia3_output": pj.IA3Config(target_modules=targets),
+        "ia3_feedforward": pj.IA3Config(target_modules=ff, feedforward_modules=ff),
+    }
+
+
+KINDS = {
+    # kind: (tree family, targets, feedforward targets, layouts). One or two modules each:
+    # every distinct weight shape costs XLA compilations, and the table is long.
+    "dense": ("llama", ["down_proj"], ["down_proj"], None),  # (24, 16): in != out
+    "dense_general": ("dense_general", ["query", "out"], ["out"], DENSE_GENERAL_LAYOUTS),
+    "conv": ("conv", ["conv1"], ["conv1"], None),
+    "stacked": ("stacked", ["q_proj"], ["q_proj"], STACKED_LAYOUT),  # with a (3, 16) bias
+    "mlp_bias": ("mlp", ["fc1", "fc2"], ["fc2"], None),
+}
+
+
+def _build_cases() -> list[Case]:
+    cases = []
+    for kind, (tree, targets, ff, layouts) in KINDS.items():
+        for method, cfg in methods(targets, ff).items():
+            if kind == "mlp_bias" and method != "ia3_output":
+                continue  # the biased MLP is there for IA3's bias scaling
+            exact = not getattr(cfg, "use_dora", False)
+            cases.append(Case(f"{method}-{kind}", cfg, tree, layouts, exact))
+    L = pj.LoraConfig
+    dense = ["k_proj"]
+    cases += [
+        Case(
+            "lora_rslora-dense",
+            L(r=4, lora_alpha=8, use_rslora=True, target_modules=dense),
+            "llama",
+        ),
+        Case(
+            "lora_gaussian-dense",
+            L(r=4, init_lora_weights="gaussian", target_modules=dense),
+            "llama",
+        ),
+        Case(
+            "lora-embed", L(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"]), "llama"
+        ),
+        Case(
+            "lora_gaussian-embed",
+            L(r=2, init_lora_weights="gaussian", target_modules=["embed_tokens"]),
+            "llama",
+        ),
+        Case(
+            "dora-embed",
+            L(r=2, use_dora=True, target_modules=["embed_tokens"]),
+            "llama",
+            zero_init_exact=False,
+        ),
+        Case(
+            "ln_tuning-llama",
+            pj.LNTuningConfig(target_modules=["input_layernorm", "norm"]),
+            "llama",
+        ),
+        Case(
+            "ln_tuning-stacked",
+            pj.LNTuningConfig(target_modules=["input_layernorm", "final_ln"]),
+            "stacked",
+            STACKED_LAYOUT,
+        ),
+        Case(
+            "lora+modules_to_save-llama",
+            L(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+            "llama",
+        ),
+        Case(
+            "loha+modules_to_save-conv",
+            pj.LoHaConfig(r=2, target_modules=["conv1"], modules_to_save=["conv2"]),
+            "conv",
+        ),
+    ]
+    cases += [  # an nnx `State` (Variables, nnx.List indices)
+        Case("lora_all_linear-nnx", L(r=2, target_modules="all-linear"), "nnx"),
+        Case("ia3_output-nnx", pj.IA3Config(target_modules=["v_proj"]), "nnx"),  # with a bias
+        Case("ln_tuning-nnx", pj.LNTuningConfig(target_modules=["norm"]), "nnx"),
+    ]
+    cases += [  # PEFT's Tucker conv forms (hada_t1/t2, lokr_t2)
+        Case(
+            "loha_effective_conv-conv",
+            pj.LoHaConfig(r=2, alpha=4, use_effective_conv2d=True, target_modules=["conv1"]),
+            "conv",
+        ),
+        Case(
+            "lokr_effective_conv-conv",
+            pj.LoKrConfig(r=1, alpha=2, use_effective_conv2d=True, target_modules=["conv1"]),
+            "conv",
+        ),
+    ]
+    stacked_t = ["down_proj"]
+    for name, cfg in {
+        "lora": L(r=2, target_modules=stacked_t, layers_to_transform=[0, 2]),
+        "dora": L(r=2, use_dora=True, target_modules=stacked_t, layers_to_transform=[0, 2]),
+        "loha": pj.LoHaConfig(r=2, target_modules=stacked_t, layers_to_transform=[0, 2]),
+        "lokr": pj.LoKrConfig(r=1, target_modules=stacked_t, layers_to_transform=[0, 2]),
+    }.items():
+        exact = name != "dora"
+        cases.append(
+            Case(f"{name}-stacked-layers_0_2", cfg, "stacked", STACKED_LAYOUT, exact, (0, 2))
+        )
+    return cases
+
+
+CASES = _build_cases()
+BY_NAME = {c.name: c for c in CASES}
+assert len(BY_NAME) == len(CASES)
+
+
+def rows(*, method: str | None = None, tree: str | None = None) -> list[Case]:
+    """The cases of one method (``config.method``) and / or one tree family."""
+    return [
+        c
+        for c in CASES
+        if (method is None or c.config.method == method) and (tree is None or c.tree == tree)
+    ]

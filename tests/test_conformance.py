@@ -1,0 +1,38 @@
+"""Every registered method has rows in the shared case table, and the registry is coherent."""
+
+from __future__ import annotations
+
+import pytest
+
+import peftjax as pj
+from peftjax.methods import METHODS, config_from_dict, method_named
+from tests.cases import CASES
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_registered_method_has_cases(name):
+    have = sorted({c.config.method for c in CASES})
+    assert name in have, f"method {name!r} is registered but tests/cases.py has no case for it"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registry_row(name):
+    m = METHODS[name]
+    assert m.name == name == m.config.method
+    assert getattr(pj, m.config.__name__) is m.config  # exported by its PEFT name
+    assert all(s.method == name for s in m.specs if isinstance(s.method, str))
+    assert set(m.embed_suffixes) <= set(m.key_suffixes)
+    assert set(m.adapts) <= {"dense", "conv", "embed"}
+    assert m.whole_modules == (not m.adapts)
+    for n, f in m.api.items():
+        assert getattr(pj, n) is f
+    # every case of the method round-trips through PEFT's dict form, by peft_type
+    for c in (c for c in CASES if c.config.method == name):
+        assert config_from_dict(c.config.to_dict()) == c.config
+
+
+def test_unknown_method_names_the_registered_ones():
+    with pytest.raises(pj.ConfigError, match="registered methods are"):
+        method_named("nope")
+    with pytest.raises(pj.ConfigError, match="peft_type"):
+        config_from_dict({"peft_type": "NOPE"})
