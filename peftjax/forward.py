@@ -1,7 +1,9 @@
 """``pj.apply``: run any JAX function with adapter-carrying params, computing adapters factored.
 
-How it works (a small jaxpr interpreter, public JAX API only: ``jax.make_jaxpr``,
-``jax.extend.core``, ``jax.lax``):
+How it works (a small jaxpr interpreter on ``jax.make_jaxpr``, ``jax.extend.core`` and
+``jax.lax``; it also reads the layout of jaxpr equations and the params of the primitives it
+handles, which JAX's API policy does not cover: CONTRIBUTING.md lists exactly what, and why
+pyproject's JAX floor is the version the suite runs on):
 
 1. Every `Adapted` leaf in the arguments is replaced by its base array (copies for LN tuning /
    ``modules_to_save``, ``b * l`` for a bias under output-scaling IA3), and ``fn`` is traced to
@@ -42,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+from jax.extend.core import primitives as prims
 
 from .errors import LayoutError
 from .methods import COPY, DERIVED, Spec
@@ -163,14 +166,13 @@ class _Interp:
             return cache[v]
 
         for eqn in jaxpr.eqns:
-            name = eqn.primitive.name
             tagged = [not isinstance(v, jcore.Literal) and v in tags for v in eqn.invars]
             if not any(tagged):
                 outs = _bind(eqn, [read(v) for v in eqn.invars])
                 for v, o in zip(eqn.outvars, outs):
                     write(v, o)
                 continue
-            handler = _HANDLERS.get(name)
+            handler = _HANDLERS.get(eqn.primitive)
             res = handler(self, eqn, read, tags, materialize) if handler else None
             if res is None:  # fallback: effective weights for every tagged operand
                 outs = _bind(eqn, [materialize(v) for v in eqn.invars])
@@ -468,20 +470,23 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
     return [(o, None) for o in list(carry) + list(ys)]
 
 
+#: The equations the interpreter handles itself, keyed by primitive object. A handler is
+#: ``handler(interp, eqn, read, tags, materialize) -> [(value, tag or None)] | None`` for an
+#: equation with at least one tagged (adapter-carrying) input: ``read(var)`` gives a var's
+#: value (for a tagged var, the *base*-derived value), ``tags`` maps vars to their `_Tag`,
+#: ``materialize(var)`` gives a var's effective value ``W + dW``. It returns one
+#: ``(value, tag)`` per output var, or ``None`` to decline: the interpreter then evaluates the
+#: equation on the effective values of every tagged input (slower, never wrong).
 _HANDLERS = {
-    "convert_element_type": _convert,
-    "transpose": _transpose,
-    "dot_general": _dot,
-    "conv_general_dilated": _conv,
-    "gather": _gather,
-    "pjit": _inline,
-    "jit": _inline,
-    "closed_call": _inline,
-    "core_call": _inline,
-    "remat": _remat,
-    "remat2": _remat,
-    "checkpoint": _remat,
-    "scan": _scan,
+    prims.convert_element_type_p: _convert,
+    prims.transpose_p: _transpose,
+    prims.dot_general_p: _dot,
+    prims.conv_general_dilated_p: _conv,
+    prims.gather_p: _gather,
+    prims.jit_p: _inline,
+    prims.closed_call_p: _inline,
+    prims.remat_p: _remat,
+    prims.scan_p: _scan,
 }
 
 

@@ -36,3 +36,15 @@ def test_unknown_method_names_the_registered_ones():
         method_named("nope")
     with pytest.raises(pj.ConfigError, match="peft_type"):
         config_from_dict({"peft_type": "NOPE"})
+
+
+def test_forward_handlers_are_keyed_by_primitive_objects():
+    from jax.extend import core as jcore
+
+    import peftjax.forward as pjf
+
+    assert pjf._HANDLERS and all(isinstance(p, jcore.Primitive) for p in pjf._HANDLERS)
+    # every primitive a jitted, remat'd, scanned LoRA forward binds at its top level is one the
+    # interpreter handles or an ordinary one: a jit inside is inlined, not a stale name
+    names = {p.name for p in pjf._HANDLERS}
+    assert {"jit", "scan", "dot_general", "remat2", "conv_general_dilated", "gather"} <= names
