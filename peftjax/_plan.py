@@ -127,7 +127,7 @@ def plan_injection(
                 + f" left no module among the targeted ones: {before[:5]}."
             )
     targeted = [p.module for p in plan]
-    for field in ("rank_pattern", "alpha_pattern"):
+    for field in config.PATTERN_FIELDS:
         pattern: Any = getattr(config, field, None)
         if pattern:
             P.check_pattern_keys(targeted, pattern, field)

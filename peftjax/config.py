@@ -264,6 +264,10 @@ class AdapterConfig:
     #: PEFT fields that change the math and that peftjax does not implement, with PEFT's default:
     #: any other value raises `ConfigError` (in `from_dict`; `to_dict` writes the default).
     PEFT_UNSUPPORTED_FIELDS: ClassVar[Mapping[str, Any]] = FrozenDict()
+    #: Fields holding LoRA-style ``{module regex: value}`` patterns whose keys `inject` checks
+    #: against the targeted modules (a method whose pattern fields mean something else, e.g.
+    #: AdaLoRA's ``rank_pattern`` masks, lists fewer and checks its own).
+    PATTERN_FIELDS: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
 
     # PEFT's `PeftConfig` fields (metadata only).
     task_type: str | None = None
