@@ -62,6 +62,16 @@ from .transforms import (
     unload as unload,
     unmerge as unmerge,
 )
+from .tuner_api import (
+    adapters_disabled as adapters_disabled,
+    disable_adapters as disable_adapters,
+    enable_adapters as enable_adapters,
+    get_delta_weight as get_delta_weight,
+    scale_layer as scale_layer,
+    set_requires_grad as set_requires_grad,
+    set_scale as set_scale,
+    unscale_layer as unscale_layer,
+)
 
 __version__ = "0.1.0"
 
@@ -119,6 +129,14 @@ __all__ = sorted(
         "unmerge",
         "METHODS",
         "constrain",
+        "adapters_disabled",
+        "disable_adapters",
+        "enable_adapters",
+        "get_delta_weight",
+        "scale_layer",
+        "set_requires_grad",
+        "set_scale",
+        "unscale_layer",
         *_CONFIGS,
     ]
 )

@@ -3,8 +3,10 @@
 ``pj.inject`` replaces each targeted weight leaf by an `Adapted` node and leaves everything
 else in the tree untouched. Children (traced, differentiated, sharded): ``base`` and
 ``arrays[name][param]``. Aux data (static, hashable, never a leaf): each adapter's `Spec`, the
-active names, the merged names (in merge order) and the frozen names (adapters loaded or
-injected for inference: ``inference_mode=True``, see `pj.set_trainable`).
+active names, the merged names (in merge order), the frozen names (adapters loaded or
+injected for inference: ``inference_mode=True``, see `pj.set_trainable`) and the ``disabled``
+flag (`pj.disable_adapters`: the node acts as its base weight while its active set is kept; the
+aux data carries the flag only when it is set, so other nodes flatten exactly as before).
 
 Nodes share no mutable container with anything: `Adapted` copies its ``arrays`` dicts (the outer
 dict and each adapter's) when it is built, so editing one tree's ``arrays`` never changes another
@@ -43,7 +45,7 @@ _ARRAY_HINT = (
 class Adapted:
     """A weight leaf carrying adapters. Immutable: every transform returns a new node."""
 
-    __slots__ = ("base", "arrays", "specs", "active", "merged", "frozen")
+    __slots__ = ("base", "arrays", "specs", "active", "merged", "frozen", "disabled")
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class Adapted:
         active: tuple[str, ...] = (),
         merged: tuple[str, ...] = (),
         frozen: tuple[str, ...] = (),
+        disabled: bool = False,
     ):
         object.__setattr__(self, "base", base)
         object.__setattr__(self, "arrays", _fresh(arrays))
@@ -60,17 +63,22 @@ class Adapted:
         object.__setattr__(self, "active", active)
         object.__setattr__(self, "merged", merged)
         object.__setattr__(self, "frozen", frozen)
+        object.__setattr__(self, "disabled", bool(disabled))
 
     def __setattr__(self, name, value):
         raise AttributeError("Adapted nodes are immutable; use the peftjax transforms.")
 
     # ---- pytree -----------------------------------------------------------------------------
+    def _aux(self):
+        aux = (self.specs, self.active, self.merged, self.frozen)
+        return aux + (True,) if self.disabled else aux
+
     def tree_flatten_with_keys(self):
         children = ((GetAttrKey("base"), self.base), (GetAttrKey("arrays"), self.arrays))
-        return children, (self.specs, self.active, self.merged, self.frozen)
+        return children, self._aux()
 
     def tree_flatten(self):
-        return (self.base, self.arrays), (self.specs, self.active, self.merged, self.frozen)
+        return (self.base, self.arrays), self._aux()
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -98,7 +106,10 @@ class Adapted:
         raise AdaptedArrayError(_ARRAY_HINT)
 
     def pending(self) -> list[tuple[str, Spec, dict]]:
-        """Active, unmerged adapters on this leaf, in activation order."""
+        """Active, unmerged adapters on this leaf, in activation order (none while
+        ``disabled``)."""
+        if self.disabled:
+            return []
         have = dict(self.specs)
         return [
             (n, have[n], self.arrays[n]) for n in self.active if n in have and n not in self.merged
@@ -128,7 +139,8 @@ class Adapted:
         return (
             f"Adapted(base={dtype}{list(shape) if shape is not None else ''}, {ads}, "
             f"active={self.active}, merged={self.merged}"
-            + (f", frozen={self.frozen})" if self.frozen else ")")
+            + (f", frozen={self.frozen}" if self.frozen else "")
+            + (", disabled)" if self.disabled else ")")
         )
 
 

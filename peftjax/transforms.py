@@ -483,8 +483,9 @@ def _fold(node: Adapted, group, names, undo: bool, groups=None):
 def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = False):
     """Fold the active (or named) adapters into the base weights, recording them for `unmerge`.
 
-    Already-merged adapters are skipped; adapters merge in the order given. Deltas are
-    computed in float32 and cast once to the base dtype.
+    Already-merged adapters are skipped with PEFT's warning (``check_adapters_to_merge``);
+    adapters merge in the order given. Deltas are computed in float32 and cast once to the base
+    dtype. Disabled params (`pj.disable_adapters`) are refused: `pj.enable_adapters` first.
 
     Args:
       safe: raise `MergeError` naming the module if any merged value is not finite; nothing is
@@ -511,6 +512,13 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
                 "call `pj.merge(..., safe=True)` outside the transform, or merge without `safe` "
                 "and check `jnp.isfinite` on the result yourself."
             )
+    if any(node.disabled for node in adapted_nodes(leaves)):
+        raise MergeError(
+            "`merge`: the adapters are disabled (`pj.disable_adapters`), and merged adapters "
+            "would act through the base weights; `pj.enable_adapters` first (`pj.merge_and_unload` "
+            "merges the active adapters of disabled params, as PEFT's does)."
+        )
+    _warn_merged(leaves, names)
     groups = group_modules(leaves)
     out = []
     for l in leaves:
@@ -528,6 +536,25 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
             l = dataclasses.replace(l, value=node)
         out.append(l)
     return rebuild(treedef, out)
+
+
+def _warn_merged(leaves, names) -> None:
+    """PEFT's ``check_adapters_to_merge`` warnings, once per distinct message: a module that
+    already has merged adapters merges only the others."""
+    msgs: dict[str, None] = {}
+    for node in adapted_nodes(leaves):
+        if node.merged:
+            rest = [n for n in names if n not in node.merged]
+            if rest:
+                msg = (
+                    f"Already following adapters were merged {','.join(node.merged)}. "
+                    f"You are now additionally merging {','.join(rest)}."
+                )
+            else:
+                msg = "All adapters are already merged, nothing to do."
+            msgs[msg] = None
+    for msg in msgs:
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
 
 def unmerge(params):
@@ -573,7 +600,12 @@ def _strip(params):
 
 def merge_and_unload(params, names: str | Sequence[str] | None = None, *, safe: bool = False):
     """Merge the active (or named) adapters and return a plain tree with exactly the original
-    structure, shapes and dtypes."""
+    structure, shapes and dtypes. Disabled params (`pj.disable_adapters`) merge their active
+    adapters all the same, as PEFT's ``merge_and_unload`` inside ``disable_adapter()``."""
+    from .tuner_api import adapters_disabled, enable_adapters
+
+    if adapters_disabled(params):
+        params = enable_adapters(params)
     return _strip(merge(params, names, safe=safe))
 
 

@@ -76,6 +76,9 @@ class Spec:
         arrays are then stored compact with a leading axis of ``len(layers)`` (module
         docstring); ``None``: every slice, arrays with the stack axes leading. A tuple naming
         every slice is normalised to ``None``.
+      initial_scaling: the `scaling` the adapter was made with (PEFT's ``alpha / r`` per layer),
+        kept once `pj.set_scale` / `pj.scale_layer` / `pj.unscale_layer` change `scaling` (they
+        scale and reset relative to it); ``None``: `scaling` is still the initial one.
     """
 
     layout: Layout
@@ -83,6 +86,7 @@ class Spec:
     scaling: tuple[float, ...]
     carries_base: bool = dataclasses.field(default=False, kw_only=True)
     layers: tuple[int, ...] | None = dataclasses.field(default=None, kw_only=True)
+    initial_scaling: tuple[float, ...] | None = dataclasses.field(default=None, kw_only=True)
 
     method: ClassVar[str] = "?"
     #: see `DELTA`, `COPY`, `DERIVED`
