@@ -142,7 +142,32 @@ def _build_cases() -> list[Case]:
         cases.append(
             Case(f"{name}-stacked-layers_0_2", cfg, "stacked", STACKED_LAYOUT, exact, (0, 2))
         )
+    cases += _adalora_cases()
     return cases
+
+
+def _adalora_cases() -> list[Case]:
+    """AdaLoRA (Linear and Conv2d, as PEFT): init_r-sized modules on every kind of weight, and
+    pruned ones (a `rank_pattern`, one module at rank 0: zero-size arrays)."""
+    A = lambda targets, **kw: pj.AdaLoraConfig(  # noqa: E731
+        init_r=3, target_r=1, lora_alpha=4, total_step=10, target_modules=targets, **kw
+    )
+    out = []
+    for kind in ("dense", "dense_general", "conv", "stacked"):
+        tree, targets, _, layouts = KINDS[kind]
+        out.append(Case(f"adalora-{kind}", A(targets), tree, layouts))
+    out.append(
+        Case(
+            "adalora-stacked-layers_0_2",
+            A(["down_proj"], layers_to_transform=[0, 2]),
+            "stacked",
+            STACKED_LAYOUT,
+            stacked_layers=(0, 2),
+        )
+    )
+    pruned = {"fc1.lora_E": [True, False, True], "fc2.lora_E": [False, False, False]}
+    out.append(Case("adalora_pruned-mlp", A(["fc1", "fc2"], rank_pattern=pruned), "mlp"))
+    return out
 
 
 CASES = _build_cases()

@@ -21,6 +21,7 @@ from typing import Any
 from ..config import AdapterConfig, fail
 from ..errors import ConfigError
 from ..layout import Layout
+from .adalora import API as ADALORA_API, AdaLoraConfig, AdaLoraSpec
 from .base import COPY, DELTA, DERIVED, Spec
 from .ia3 import IA3BiasSpec, IA3Config, IA3Spec
 from .ln_tuning import LN_INFIX, CopySpec, LNTuningConfig
@@ -122,6 +123,14 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
                         4e-3,
                     ),
                 },
+            ),
+            Method(
+                "adalora",
+                AdaLoraConfig,
+                (AdaLoraSpec,),
+                adapts=("dense", "conv"),
+                key_suffixes=("lora_A", "lora_B", "lora_E"),
+                api=ADALORA_API,
             ),
             Method(
                 "loha",
