@@ -42,6 +42,7 @@ import stat
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -303,6 +304,8 @@ def merge_checkpoint(
     kinds: dict[str, str] = {}
     replace: dict[str, np.ndarray] = {}
     for k in tensors:
+        if k in method.shared_keys:  # adapter-wide (VeRA's projections): loaded, not a module
+            continue
         kind, mod, suffix = io.file_key(k, method)
         if kind == "adapter":
             kinds[mod] = "embed" if suffix in method.embed_suffixes else kinds.get(mod, "linear")
@@ -517,14 +520,45 @@ def _merge_module(
         group["bias"] = group["bias"].replace(base=b)
     tree: dict = {}
     _set(tree, mod, group)  # under its real path, so that errors name the module
+    holders = _shared_holders(group, mod)
+    for holder in holders:
+        _set(tree, holder, _as_holder_only(_get(adapted, holder)))
     try:
-        merged = _get(merge_and_unload(tree, safe=safe), mod)
+        with warnings.catch_warnings():
+            if holders:  # the holders are marked merged on purpose: not PEFT's warning case
+                warnings.filterwarnings("ignore", "All adapters are already merged")
+            merged = _get(merge_and_unload(tree, safe=safe), mod)
     except MergeError as e:
         raise MergeError(f"`{wkey}` in `{src}`: {e}") from None
     out = {wkey: rule.to_torch(np.asarray(merged[leaf]))}
     if "bias" in merged:
         out[f"{mod}.bias"] = np.asarray(merged["bias"])
     return out
+
+
+def _shared_holders(group: dict, mod: str) -> set[str]:
+    """The other modules whose leaves hold adapter-wide arrays the module's adapters use
+    (`Spec.shared_holder`: VeRA's projections)."""
+    from .node import is_adapted
+
+    out = set()
+    for node in group.values():
+        if is_adapted(node):
+            out |= {s.shared_holder() for _, s in node.specs if s.shared_holder() is not None}
+    return out - {mod}
+
+
+def _as_holder_only(group: dict) -> dict:
+    """A holder module's adapted leaves as carriers of their shared arrays only: marked merged
+    (so `merge_and_unload` folds nothing into them) on a placeholder base (theirs is in another
+    shard, or abstract)."""
+    from .node import is_adapted
+
+    return {
+        k: v.replace(base=np.zeros((), np.float32), merged=v.names)
+        for k, v in group.items()
+        if is_adapted(v)
+    }
 
 
 def _bar(i: int, n: int, dt: float, width: int = 24) -> None:

@@ -368,6 +368,18 @@ class AdapterConfig:
                 raise type(err)(f"module `{path}`: {err}") from None
         return out
 
+    def module_specs_beside(
+        self,
+        items: list[tuple[str, Any, tuple[int, ...], Any]],
+        existing: Mapping[str, list[tuple[str, Any]]],
+    ) -> list[Any]:
+        """`module_specs` for an injection into a tree that may already hold adapters:
+        ``existing`` = ``{adapter name: [(module path, spec)]}`` of every adapter in it (its
+        modules in tree order). `inject` calls this; the default ignores ``existing``. A method
+        whose later adapters depend on earlier ones overrides it (VeRA: PEFT shares the first
+        adapter's projections with every later one)."""
+        return self.module_specs(items)
+
     @property
     def method_label(self) -> str:
         """The method's name as a summary shows it (a variant may name itself, e.g. DoRA)."""

@@ -531,7 +531,7 @@ def _prepare(args_tree):
                 # full-stack arrays (compact ones expanded): the scan ``xs`` need every layer
                 if groups is None and spec.shared_holder() is not None:
                     groups = group_modules(leaves)
-                full = with_shared(groups or {}, spec, name, arrays)
+                full = with_shared(groups or {}, spec, name, arrays, l.module)
                 items.append((spec, spec.expand(full), _scale_of(spec)))
         if items and any(s.role == COPY for _, s, _ in pend):
             # a copy plus other adapters on one leaf: just build the effective weight

@@ -579,6 +579,8 @@ def inspect_adapter(path: str | os.PathLike, name: str = "default") -> dict[str,
     saved: set[str] = set()
     embedding: set[str] = set()
     for k in tensors:
+        if k in method.shared_keys:  # adapter-wide (VeRA's projections): no module of its own
+            continue
         kind, mod, _ = file_key(k, method)
         if kind in ("adapter", "whole"):
             targets.add(mod)
@@ -902,7 +904,9 @@ def _build_load(params, new, concrete: bool, plan: _LoadPlan, files: _Files, nam
                     leaf.module,
                     dtype,
                 )
-                arrays.update(_shared_from_file(spec, init, tensors, used, dtype))
+                arrays.update(
+                    _shared_from_file(spec, init, tensors, used, missing, dtype, leaf.module, name)
+                )
                 node = _with_spec(node, name, spec)
             node = node.replace(arrays={**node.arrays, name: arrays})
         out.append(_carried_base(plan, leaf, node, name, tensors, used))
@@ -919,19 +923,28 @@ def _build_load(params, new, concrete: bool, plan: _LoadPlan, files: _Files, nam
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _shared_from_file(spec, init, tensors, used, dtype) -> dict:
+def _shared_from_file(spec, init, tensors, used, missing, dtype, module, name) -> dict:
     """A holder spec's shared arrays (`Spec.shared`): from the file where it has them (PEFT's
-    ``save_projection``), else `inject`'s values (VeRA regenerates them from its seed)."""
+    ``save_projection``), else `inject`'s values (VeRA regenerates them from its seed). A key
+    the holder writes (`Spec.shared_file_keys`) but the file lacks is ``missing``."""
     out = {}
     keys = spec.shared_file_keys()
     for arr_name in spec.shared if spec.shared_holder() is None else ():
         key, rule = keys.get(arr_name, (None, None))
         have = init()[arr_name]
         if key is not None and key in tensors:
-            val = _from_file(key, tensors[key], rule, tuple(have.shape))
+            try:
+                val = _from_file(key, tensors[key], rule, tuple(have.shape))
+            except ShapeError as err:
+                raise ShapeError(
+                    f"adapter {name!r}, module `{module}` (it holds `{key}`, which every module "
+                    f"of the adapter uses; its size is planned over all of them): {err}"
+                ) from None
             out[arr_name] = jnp.asarray(val, dtype)
             used.add(key)
         else:
+            if key is not None:
+                missing.append(key)
             out[arr_name] = jnp.asarray(have, dtype)
     return out
 

@@ -121,6 +121,14 @@ def combine(trainable, frozen):
                     )
                 arrays[n] = a
                 continue
+            fixed = sorted(set(ta) & f.spec(n).frozen_arrays) if isinstance(ta, dict) else []
+            if fixed:
+                raise PartitionError(
+                    f"`combine`: at `{_keystr(kp)}`, adapter {n!r} array(s) {fixed} never train "
+                    f"(the `frozen_arrays` of {f.spec(n).describe()}, e.g. VeRA's shared "
+                    "projections) but `trainable` has them: pass the `trainable` half of "
+                    "`pj.partition(params)`, which keeps them in `frozen`."
+                )
             want = _expected_shapes(f.spec(n))
             if want is not None and isinstance(ta, dict):
                 for k, v in ta.items():
@@ -159,11 +167,14 @@ def trainable_mask(params):
     def mark(node, tn):
         if not is_adapted(node):
             return False
-        arrays = {
-            n: jax.tree_util.tree_map(lambda _, n=n: tn.arrays[n] is not None, a)
-            for n, a in node.arrays.items()
-        }
-        return node.replace(base=False, arrays=arrays)
+
+        def on(n, a):
+            t = tn.arrays[n]
+            if isinstance(a, dict):  # per array: a spec's `frozen_arrays` stay False
+                return {k: isinstance(t, dict) and k in t for k in a}
+            return jax.tree_util.tree_map(lambda _: t is not None, a)
+
+        return node.replace(base=False, arrays={n: on(n, a) for n, a in node.arrays.items()})
 
     return jax.tree_util.tree_map(mark, full, t, is_leaf=is_adapted)
 

@@ -289,8 +289,13 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         new[l.index] = dataclasses.replace(l, value=node)
 
     weights = [p for p in plan if p.weight is not None]
-    specs = config.module_specs(
-        [(p.module, p.layout, tuple(p.weight.base.shape), p.mask) for p in weights]
+    existing: dict[str, list] = {}
+    for l in leaves:
+        if is_adapted(l.value):
+            for n, s in l.value.specs:
+                existing.setdefault(n, []).append((l.module, s))
+    specs = config.module_specs_beside(
+        [(p.module, p.layout, tuple(p.weight.base.shape), p.mask) for p in weights], existing
     )
     spec_of = {id(p): s for p, s in zip(weights, specs)}
     for i, item in enumerate(plan):
@@ -439,18 +444,62 @@ def owner_of(group: list[Leaf], spec, name: str):
     raise MergeError(f"adapter {name!r}: the leaf `{spec.owner}` it follows is not in the module")
 
 
-def with_shared(groups: dict[str, list[Leaf]], spec: Spec, name: str, arrays: dict) -> dict:
+def with_shared(
+    groups: dict[str, list[Leaf]], spec: Spec, name: str, arrays: dict, near: str | None = None
+) -> dict:
     """``arrays`` of adapter ``name`` with the `Spec.shared` arrays of its holder leaf added
-    (VeRA's projections live on one leaf per adapter); ``arrays`` itself otherwise."""
+    (VeRA's projections live on one leaf per adapter); ``arrays`` itself otherwise. ``near``:
+    the module path of the leaf asking (it picks the holder of its own tree, `_holder_leaf`)."""
     holder = spec.shared_holder()
     if holder is None:
         return arrays
-    for l in groups.get(holder, ()):
-        if is_adapted(l.value) and name in l.value.names:
-            own = l.value.arrays[name]
-            return {**arrays, **{k: own[k] for k in spec.shared if k in own}}
+    own = _holder_leaf(groups, spec, name, holder, near).value.arrays[name]
+    return {**arrays, **{k: own[k] for k in spec.shared if k in own}}
+
+
+def _holder_leaf(groups: dict[str, list[Leaf]], spec: Spec, name: str, holder: str, near):
+    """The leaf that holds adapter ``name``'s shared arrays: at module ``holder`` (its path in
+    the tree `inject` saw), or, in a tree rooted elsewhere (`pj.apply` walks ``(args,
+    kwargs)``: ``0.0.<path>``; a subtree of the injected tree), at the module whose path ends
+    with ``holder`` (or that ``holder`` ends with) and, when several do (the same adapter in
+    two argument trees), the one whose prefix ``near`` shares."""
+
+    def holds(l: Leaf) -> bool:
+        node = l.value
+        if not is_adapted(node) or name not in node.names:
+            return False
+        a = node.arrays.get(name)
+        return node.spec(name).shared_holder() is None and isinstance(a, dict) and bool(a)
+
+    hits = [l for l in groups.get(holder, ()) if holds(l)]
+    if not hits:
+        tail = "." + holder
+        hits = [
+            l
+            for m, g in groups.items()
+            if m.endswith(tail) or holder.endswith("." + m)
+            for l in g
+            if holds(l)
+        ]
+        if len(hits) > 1 and near is not None:
+            mine = [
+                l
+                for l in hits
+                if l.module.endswith(tail) and near.startswith(l.module[: -len(tail)] + ".")
+            ]
+            hits = mine or hits
+    if len(hits) == 1 or (hits and hits[0].module == holder):
+        return hits[0]
+    if not hits:
+        raise MergeError(
+            f"adapter {name!r}: module `{holder}`, which holds its shared arrays "
+            f"({', '.join(sorted(spec.shared))}), is not in the tree; pass the whole tree the "
+            "adapter was injected into."
+        )
     raise MergeError(
-        f"adapter {name!r}: module `{holder}`, which holds its shared arrays, is not in the tree."
+        f"adapter {name!r}: several modules could hold its shared arrays "
+        f"({', '.join(sorted(spec.shared))}): {sorted({l.module for l in hits})}; rename the "
+        "adapter in one of the trees."
     )
 
 
@@ -472,7 +521,8 @@ def _fold(node: Adapted, group, names, undo: bool, groups=None):
             w = spec.derived_value(w, *owner_of(group, spec, n), undo=undo)
             continue
         fn = _unmerge_kernel if undo else _merge_kernel
-        full = with_shared(groups or {}, spec, n, arrays[n])
+        near = group[0].module if group else None
+        full = with_shared(groups or {}, spec, n, arrays[n], near)
         w, out = fn(spec, w, full)
         arrays[n] = {k: v for k, v in out.items() if k in arrays[n] or k not in full}
     if w is not None:
