@@ -143,6 +143,7 @@ def _build_cases() -> list[Case]:
             Case(f"{name}-stacked-layers_0_2", cfg, "stacked", STACKED_LAYOUT, exact, (0, 2))
         )
     cases += _adalora_cases()
+    cases += _vera_cases()
     return cases
 
 
@@ -168,6 +169,27 @@ def _adalora_cases() -> list[Case]:
     pruned = {"fc1.lora_E": [True, False, True], "fc2.lora_E": [False, False, False]}
     out.append(Case("adalora_pruned-mlp", A(["fc1", "fc2"], rank_pattern=pruned), "mlp"))
     return out
+
+
+def _vera_cases() -> list[Case]:
+    """VeRA (dense only, as PEFT): one pair of shared projections per adapter, sized over
+    every target, so the rows target modules of different shapes."""
+    V = lambda targets, **kw: pj.VeraConfig(r=3, target_modules=targets, **kw)  # noqa: E731
+    several = ["q_proj", "v_proj", "down_proj"]  # (16, 16), (16, 8), (24, 16)
+    return [
+        Case("vera-dense", V(["down_proj"]), "llama"),
+        Case("vera-mlp_bias", V(["fc1", "fc2"]), "mlp"),  # (12, 20), (20, 12)
+        Case("vera_several-llama", V(several), "llama"),
+        Case("vera-dense_general", V(["query", "out"]), "dense_general", DENSE_GENERAL_LAYOUTS),
+        Case("vera-stacked", V(["q_proj", "down_proj"]), "stacked", STACKED_LAYOUT),
+        Case(
+            "vera-stacked-layers_0_2",
+            V(["down_proj"], layers_to_transform=[0, 2]),
+            "stacked",
+            STACKED_LAYOUT,
+            stacked_layers=(0, 2),
+        ),
+    ]
 
 
 CASES = _build_cases()

@@ -28,6 +28,7 @@ from .ln_tuning import LN_INFIX, CopySpec, LNTuningConfig
 from .loha import LoHaConfig, LoHaSpec
 from .lokr import LoKrConfig, LoKrSpec, factorization
 from .lora import LoraConfig, LoraSpec
+from .vera import VERA_A_KEY, VERA_B_KEY, VeraConfig, VeraSpec
 
 __all__ = [
     "COPY",
@@ -191,6 +192,14 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
                         3e-2,
                     )
                 },
+            ),
+            Method(
+                "vera",
+                VeraConfig,
+                (VeraSpec,),
+                adapts=("dense",),
+                key_suffixes=("vera_lambda_b", "vera_lambda_d"),
+                shared_keys=(VERA_A_KEY, VERA_B_KEY),
             ),
             Method(
                 "ln_tuning",
