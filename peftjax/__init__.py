@@ -8,6 +8,12 @@ from .checkpoint import (
     AdapterCheckpointer as AdapterCheckpointer,
     CheckpointNotFoundError as CheckpointNotFoundError,
 )
+from .conversion import (
+    convert_to_lora as convert_to_lora,
+    inject_from_state_dict as inject_from_state_dict,
+    save_as_lora as save_as_lora,
+    supports_lora_conversion as supports_lora_conversion,
+)
 from .errors import (
     AdaptedArrayError as AdaptedArrayError,
     AdapterNameError as AdapterNameError,
@@ -104,6 +110,10 @@ __all__ = sorted(
         "UnsupportedModuleError",
         "active",
         "stacked_key_map",
+        "convert_to_lora",
+        "inject_from_state_dict",
+        "save_as_lora",
+        "supports_lora_conversion",
         "save_pretrained",
         "read_adapter",
         "load_pretrained",

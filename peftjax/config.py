@@ -15,8 +15,8 @@ the field and the value. Normalisations, all of which keep PEFT's meaning:
   `layers_pattern` become `None` (PEFT treats an empty value as "not set").
 - `target_modules=None` is accepted, as in PEFT, which fills it in from a table of model types when
   the adapter is injected. peftjax has no such table: injecting with `target_modules=None` raises.
-  An empty `target_modules` list is rejected (PEFT only allows it together with `target_parameters`,
-  which peftjax does not support).
+  An empty `target_modules` list is rejected, except together with LoRA's `target_parameters`
+  (as in PEFT), where it is kept as `()`.
 
 PEFT fields that do not change the math are accepted by `from_dict` and dropped; `to_dict` writes
 them back with PEFT's defaults so that PEFT loads the file. PEFT fields that do change the math and
@@ -353,6 +353,12 @@ class AdapterConfig:
         ``mask``: for a stacked weight with ``layers_to_transform``, one bool per layer slice
         (``None``: every slice)."""
         raise NotImplementedError(f"{type(self).__name__} builds no module spec")
+
+    def parameter_spec(self, param: str, nest: int, layout: Any, shape: tuple[int, ...]) -> Any:
+        """The `Spec` of this method's adapter on a parameter targeted by PEFT's
+        ``target_parameters`` (``param``: its PEFT parameter path, ``nest``: how many other
+        targeted parameters of its module PEFT wraps around it), for methods that have them."""
+        raise ConfigError(f"{type(self).__name__} has no `target_parameters`.")
 
     def module_specs(self, items: list[tuple[str, Any, tuple[int, ...], Any]]) -> list[Any]:
         """The specs of every module an injection adapts, ``items`` = ``[(path, layout, shape,

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -82,6 +83,7 @@ from ._peft_keys import (
     stacked_key_map,
     torch_name,
 )
+from ._plan import matches_parameter, plan_parameters
 from ._safetensors import (
     encode_chunks,
     read_safetensors,
@@ -321,13 +323,25 @@ def _collect(
         for arr_name, (key, rule) in spec.shared_file_keys().items():  # once, on the holder
             put(key, rule.to_torch(np.asarray(arrays[arr_name])), where)
         host = {n: np.asarray(arrays[n]) for n in rules}  # one device -> host copy per array
-        for i in _layers(spec):
-            pm = map_key(key_map, leaf.module, i)
+        param = spec.file_parameter()
+        for i in _layers(spec) if param is None else [None]:
+            pm = fm = map_key(key_map, leaf.module, i)
+            if param is not None:  # `target_parameters`: whole arrays, under the module
+                pm, fm = _parameter_paths(key_map, *param)
             entries.append(_Entry(pm, leaf.module, i, spec))
             layer = host if i is None else spec.layer_arrays(host, i)  # stored slice of layer i
             for arr_name, (suffix, rule) in rules.items():
-                put(f"{PREFIX}{pm}.{suffix}", rule.to_torch(layer[arr_name]), where)
+                put(f"{PREFIX}{fm}.{suffix}", rule.to_torch(layer[arr_name]), where)
     return tensors, entries, copies
+
+
+def _parameter_paths(key_map: KeyMap, param: str, nest: int) -> tuple[str, str]:
+    """``(PEFT parameter path, PEFT module path its keys use)`` of a parameter targeted by
+    ``target_parameters`` (`Spec.file_parameter`): ``key_map`` maps the parameter's module;
+    each of the ``nest`` wrappers PEFT puts around it adds ``.base_layer``."""
+    parent, _, pname = param.rpartition(".")
+    mp = map_key(key_map, parent, None)
+    return f"{mp}.{pname}", mp + f".{BASE_LAYER}" * nest
 
 
 def config_from_specs(entries: list[_Entry], copies: list[str]) -> AdapterConfig:
@@ -358,6 +372,14 @@ def _check_config(config: AdapterConfig, entries: list[_Entry]) -> None:
         )
     targets = config.target_modules
     for e in entries:
+        if e.spec.file_parameter() is not None:  # PEFT's `target_parameters` rule
+            if not matches_parameter(e.peft_path, getattr(config, "target_parameters", None)):
+                raise ConfigError(
+                    f"`config` does not target parameter `{e.peft_path}` (`target_parameters`), "
+                    "which carries the adapter; PEFT would not load its weights."
+                )
+            config.check_module(e.peft_path, e.spec)
+            continue
         hit = (
             P.is_all_linear(targets)
             or P.matches_target(
@@ -787,6 +809,8 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
     d, config, tensors = files.dir, files.config, files.tensors
     method = method_of(config)
     rev = _reverse_map(params, key_map, layouts)
+    targets, order = _parameter_targets(params, config, key_map, layouts, tensors)
+    rev.update({fm: (mod, None) for fm, (mod, _, _) in targets.items()})
     adapter: dict[str, dict[int | None, dict[str, str]]] = {}
     leaf_keys: dict[tuple[str, str, str], str] = {}
     peft_of: dict[tuple[str, int | None], str] = {}
@@ -805,7 +829,7 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
             present.add(pm)
         if kind == "adapter":
             adapter.setdefault(mod, {}).setdefault(layer, {})[suffix] = k
-            peft_of[(mod, layer)] = pm
+            peft_of[(mod, layer)] = targets[pm][1] if pm in targets else pm
         elif layer is not None:
             unmatched.append(k)
         else:
@@ -824,14 +848,86 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
         raise FormatError(f"`{d / WEIGHTS_NAME}` holds no {config.peft_type} adapter weights.")
     if strict:
         _check_targets_present(d, config, params, key_map, layouts, present)
-    inner, scales = _narrowed(config, adapter, peft_of, leaf_keys)
+        lacking = sorted(pp for fm, (_, pp, _) in targets.items() if fm not in present)
+        if lacking:
+            raise FormatError(
+                f"`{d / WEIGHTS_NAME}` has no weights for {len(lacking)} parameter(s) that "
+                f"`{d / CONFIG_NAME}` targets (`target_parameters`) in `params`: {lacking[:20]}; "
+                "pass `strict=False` to load the others."
+            )
+    params_of = {mod: param for mod, _, param in targets.values()}
+    inner, scales = _narrowed(config, adapter, peft_of, leaf_keys, params_of)
+    if order:  # exact parameter paths, listed so that `inject` nests them as the file does
+        inner = dataclasses.replace(inner, target_parameters=order)
     return _LoadPlan(adapter, leaf_keys, unmatched, inner, scales)
 
 
-def _narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: dict):
+def _parameter_targets(params, config, key_map, layouts, tensors=None):
+    """``({PEFT module path of the keys: (module, PEFT parameter path, parameter path)},
+    [parameter paths, innermost wrapper first])`` of the parameters ``config.
+    target_parameters`` targets in ``params`` (`plan_parameters`). PEFT nests the targeted
+    parameters of one module in the torch module's parameter order, which a config need not
+    list them in: where the file's shapes fit exactly one other nesting, that one is taken."""
+    if not getattr(config, "target_parameters", None):
+        return {}, []
+    plan = plan_parameters(config, group_modules(walk(params)[0]), layouts)
+    by_parent: dict[str, list] = {}
+    for p in plan:
+        by_parent.setdefault(p.param.rpartition(".")[0], []).append(p)
+    if tensors is not None:
+        for group in by_parent.values():
+            if len(group) > 1:
+                _nest_by_shapes(group, config, key_map, tensors)
+    out = {}
+    for p in plan:
+        pp, fm = _parameter_paths(key_map, p.param, p.nest)
+        out[fm] = (p.module, pp, p.param)
+    order = [p.param for p in sorted(plan, key=lambda p: (-p.nest, p.weight.index))]
+    return out, order
+
+
+def _nest_by_shapes(group: list, config, key_map, tensors) -> None:
+    """Re-nest ``group`` (planned parameters of one PEFT module) in place when the file's
+    tensors fit exactly one nesting and not the planned one."""
+
+    def want(p, nest):
+        spec = config.parameter_spec(p.param, nest, p.layout, tuple(p.weight.base.shape))
+        base = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
+        shapes = jax.eval_shape(lambda b: spec.init(jax.random.key(0), b), base)
+        return {
+            sfx: tuple(r.torch_shape(tuple(shapes[a].shape)))
+            for a, (sfx, r) in spec.file_rules().items()
+        }
+
+    def fits(p, nest):
+        fm = _parameter_paths(key_map, p.param, nest)[1]
+        have = {
+            sfx: tuple(tensors[k].shape)
+            for sfx in want(p, nest)
+            if (k := f"{PREFIX}{fm}.{sfx}") in tensors
+        }
+        return bool(have) and all(want(p, nest)[sfx] == shp for sfx, shp in have.items())
+
+    k = len(group)
+    if all(fits(p, p.nest) for p in group):
+        return
+    ok = [perm for perm in itertools.permutations(range(k)) if all(map(fits, group, perm))]
+    if len(ok) == 1:
+        for p, nest in zip(group, ok[0]):
+            p.nest = nest
+
+
+def _narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: dict, params_of=None):
     """``(config, scales)``: the file's config narrowed to exactly the modules present, with
-    each module's rank and alpha as exact-path patterns where they differ."""
-    kw: dict[str, Any] = dict(target_modules=f"(?:{P.exact_regex(adapter)})", exclude_modules=None)
+    each module's rank and alpha as exact-path patterns where they differ. ``params_of``:
+    ``{module: parameter path}`` of the targeted parameters (``target_parameters``, kept as
+    the file has it; their rank / alpha patterns are keyed by parameter path, as PEFT's)."""
+    params_of = params_of or {}
+    regular = [m for m in adapter if m not in params_of]
+    kw: dict[str, Any] = dict(
+        target_modules=f"(?:{P.exact_regex(regular)})" if regular or not params_of else (),
+        exclude_modules=None,
+    )
     if hasattr(config, "layers_to_transform"):
         kw.update(layers_to_transform=None, layers_pattern=None)
     mts = sorted({m for (kind, m, _) in leaf_keys if kind == "copy"})
@@ -850,7 +946,8 @@ def _narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: di
                 f"module `{mod}` is stacked but its layers have different ranks {per_layer}; "
                 "one stacked adapter has one rank."
             )
-        ranks[mod], alphas[mod] = next(iter(ra.values()))
+        key = params_of.get(mod, mod)
+        ranks[key], alphas[key] = next(iter(ra.values()))
         scales[mod] = {i: config.scaling(r, a) for i, (r, a) in ra.items()}
     if ranks:
         for field, pat, vals in (
@@ -1027,7 +1124,8 @@ def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing,
     arrays compact, their scaling ``0``). A layer the file has but that lacks an array
     (``strict=False``) takes `inject`'s initial value for it."""
     rules = spec.file_rules()
-    stack = spec.layout.stack_shape(spec.shape)
+    whole = spec.file_parameter() is not None  # `target_parameters`: one tensor per array
+    stack = () if whole else spec.layout.stack_shape(spec.shape)
     n = math.prod(stack) if stack else 1
     idx = [None] if not stack else [i for i in range(n) if i in layers]
     if stack and len(idx) < n:
@@ -1060,6 +1158,7 @@ def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing,
     if scales is not None:
         every = range(n) if stack else [None]
         new = tuple(float(scales.get(i, 0.0)) if i in layers else 0.0 for i in every)
+        new = new * spec.n_layers if whole else new
         if new != tuple(spec.scaling):
             spec = dataclasses.replace(spec, scaling=new)
     return spec, arrays

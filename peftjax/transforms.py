@@ -288,7 +288,7 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         node = _new_node(new[l.index], name, spec, arrays, act, frozen)
         new[l.index] = dataclasses.replace(l, value=node)
 
-    weights = [p for p in plan if p.weight is not None]
+    weights = [p for p in plan if p.weight is not None and p.param is None]
     existing: dict[str, list] = {}
     for l in leaves:
         if is_adapted(l.value):
@@ -298,6 +298,11 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         [(p.module, p.layout, tuple(p.weight.base.shape), p.mask) for p in weights], existing
     )
     spec_of = {id(p): s for p, s in zip(weights, specs)}
+    for p in plan:  # PEFT's `target_parameters`
+        if p.param is not None:
+            spec_of[id(p)] = config.parameter_spec(
+                p.param, p.nest, p.layout, tuple(p.weight.base.shape)
+            )
     for i, item in enumerate(plan):
         mkey = jax.random.fold_in(key, i)
         if item.weight is None:  # a method that copies whole modules: every leaf

@@ -404,7 +404,6 @@ UNSUPPORTED_FIELDS = [
     ("bias", "lora_only"),
     ("lora_bias", True),
     ("layer_replication", [[0, 4], [2, 5]]),
-    ("target_parameters", ["experts.down_proj"]),
     ("trainable_token_indices", [0, 1]),
     ("trainable_token_indices", {"embed_tokens": [0]}),
 ] + [

@@ -215,6 +215,23 @@ class Spec:
         (IA3 on outputs), else ``None``."""
         return None
 
+    def file_parameter(self) -> tuple[str, int] | None:
+        """For an adapter on a parameter targeted by PEFT's ``target_parameters`` (LoRA's
+        ``lora.ParamWrapper``): ``(PEFT parameter path, nesting)``, e.g.
+        ``("mlp.experts.gate_up_proj", 1)``. PEFT stores it under the parameter's module
+        (``mlp.experts``) with ``.base_layer`` once per wrapper around it; the stack axes are
+        the parameter's own (experts), written whole, one tensor per array (`file_rules` map
+        the whole arrays). ``None`` (the default): the leaf's module, one PEFT module per
+        stacked layer."""
+        return None
+
+    @property
+    def supports_lora_conversion(self) -> bool:
+        """PEFT's ``supports_lora_conversion``: the adapter's effect is ``W + delta`` with a
+        delta that does not depend on ``W`` (`delta_matrix`), on a weight PEFT converts (a
+        Linear layer), so `peftjax.convert_to_lora` can approximate it by a truncated SVD."""
+        return False
+
     # ---- shared --------------------------------------------------------------------------
     @property
     def n_layers(self) -> int:

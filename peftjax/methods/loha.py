@@ -81,6 +81,10 @@ class LoHaSpec(Spec):
     def describe(self) -> str:
         return f"loha(r={self.r})"
 
+    @property
+    def supports_lora_conversion(self) -> bool:  # type: ignore[override]
+        return self.layout.kind == "dense"  # PEFT: the Linear layer only, not Conv2d
+
     def file_rules(self):
         out = {n: (n, L.TRANSPOSE) for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
         if self.effective_conv:  # Tucker cores [r, r, kh, kw] <-> (kh, kw, r, r)

@@ -131,6 +131,10 @@ class LoKrSpec(Spec):
 
     method: ClassVar[str] = "lokr"
 
+    @property
+    def supports_lora_conversion(self) -> bool:  # type: ignore[override]
+        return self.layout.kind == "dense"  # PEFT: the Linear layer only, not Conv2d
+
     def __post_init__(self):
         super().__post_init__()
         if self.layout.kind == "conv" and len(self.layout.spatial(self.shape)) != 2:

@@ -34,6 +34,7 @@ from ..config import (
     check_rank,
     fail,
     pattern_field,
+    str_seq,
     unsupported,
 )
 from ..layout import Layout
@@ -70,6 +71,20 @@ def _lora_init(v: Any) -> bool | str:
                 f"use one of {list(_LORA_INITS_SUPPORTED)}.",
             )
     raise fail("init_lora_weights", v, f"unknown value; use one of {list(_LORA_INITS_SUPPORTED)}.")
+
+
+def _target_parameters(v: Any) -> tuple[str, ...] | None:
+    """PEFT's ``target_parameters``: ``None`` or a list of parameter paths (order kept, the
+    first occurrence of a repeated path; an empty list means none)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        raise fail("target_parameters", v, "must be a list of strings or None (not a str).")
+    names = tuple(dict.fromkeys(str_seq("target_parameters", v)))
+    for n in names:
+        if not n or n.startswith(".") or n.endswith(".") or ".." in n:
+            raise fail("target_parameters", v, f"entry {n!r} is not a dotted parameter path.")
+    return names or None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -130,11 +145,25 @@ class LoraConfig(RankedConfig, AdapterConfig):
     # PEFT fields that change the math; only their defaults are supported.
     lora_bias: bool = False
     layer_replication: None = None
-    target_parameters: None = None
     trainable_token_indices: None = None
+    #: PEFT's ``target_parameters``: parameters adapted directly (``lora.ParamWrapper``), e.g.
+    #: the ``(experts, in, out)`` kernels of a mixture of experts; `parameter_spec`.
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._set("target_parameters", _target_parameters(self.target_parameters))
+        # PEFT's `target_modules=[]` with `target_parameters`: no module, only the parameters
+        # (kept as `()`: `None` would make PEFT fill in its per-architecture default targets).
+        no_modules = (
+            self.target_parameters is not None
+            and isinstance(self.target_modules, (list, tuple, set, frozenset))
+            and not self.target_modules
+        )
+        if no_modules:
+            self._set("target_modules", None)
         super().__post_init__()
+        if no_modules:
+            self._set("target_modules", ())
         check_rank("r", self.r)
         check_alpha("lora_alpha", self.lora_alpha)
         check_dropout("lora_dropout", self.lora_dropout)
@@ -146,7 +175,20 @@ class LoraConfig(RankedConfig, AdapterConfig):
             raise unsupported("bias", self.bias, "none")
         if self.lora_bias:
             raise unsupported("lora_bias", self.lora_bias, False)
-        for name in ("layer_replication", "target_parameters", "trainable_token_indices"):
+        if self.target_parameters is not None:
+            # PEFT's `lora.ParamWrapper` refuses these (it raises when it wraps a parameter)
+            for name, ok in (
+                ("lora_dropout", self.lora_dropout == 0),
+                ("use_dora", not self.use_dora),
+                ("fan_in_fan_out", not self.fan_in_fan_out),
+            ):
+                if not ok:
+                    raise fail(
+                        name,
+                        getattr(self, name),
+                        "PEFT's `target_parameters` (lora.ParamWrapper) does not work with it.",
+                    )
+        for name in ("layer_replication", "trainable_token_indices"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (list, tuple, dict)) and not value):
                 raise unsupported(name, value, None)
@@ -177,8 +219,46 @@ class LoraConfig(RankedConfig, AdapterConfig):
             init_weights=self.init_lora_weights,
         )
 
+    def parameter_spec(self, param, nest, layout, shape):
+        """LoRA on a parameter targeted by `target_parameters` (PEFT's ``lora.ParamWrapper``):
+        rank and alpha from ``rank_pattern`` / ``alpha_pattern`` matched on the parameter path
+        (PEFT's ``current_key``); a 3-D ``(experts, in, out)`` weight has one ``(in, r)`` /
+        ``(r, out)`` pair per expert (``layout.stack == 1``)."""
+        r, s = self.module_scale(param)
+        return LoraSpec(
+            **spec_fields(layout, shape, None, s),
+            r=r,
+            init_weights=self.init_lora_weights,
+            target_parameter=param,
+            nest=int(nest),
+        )
+
+    @staticmethod
+    def lora_spec_like(spec: Spec, r: int) -> LoraSpec:
+        """A plain LoRA spec of rank ``r`` on the weight ``spec`` adapts, with scale 1 on its
+        active layers (PEFT's ``convert_to_lora``: ``lora_alpha = r``, the scale baked into
+        the factors); `peftjax.convert_to_lora` fills its arrays."""
+        return LoraSpec(
+            layout=spec.layout,
+            shape=spec.shape,
+            scaling=tuple(1.0 if s != 0 else 0.0 for s in spec.scaling),
+            layers=spec.layers,
+            carries_base=spec.carries_base,
+            r=int(r),
+        )
+
     @classmethod
     def from_specs(cls, entries, common):
+        # entries on targeted parameters carry their PEFT parameter path: they are listed in
+        # `target_parameters` (innermost wrapper of each module first, so that injecting with
+        # the written config nests them the same way), not in `target_modules`
+        params = [e for e in entries if e.spec.target_parameter is not None]
+        if params:
+            names = {e.peft_path for e in params}
+            common = dict(common)
+            common["target_modules"] = [m for m in common["target_modules"] if m not in names]
+            order = sorted(params, key=lambda e: (-e.spec.nest, e.peft_path))
+            common["target_parameters"] = list(dict.fromkeys(e.peft_path for e in order))
         return cls(
             **common,
             **ranked_fields(entries, "lora_alpha", try_rslora=True),
@@ -190,10 +270,18 @@ class LoraConfig(RankedConfig, AdapterConfig):
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec(Spec):
+    """LoRA on one weight. On a parameter targeted by PEFT's ``target_parameters``,
+    ``target_parameter`` is its PEFT parameter path and ``nest`` the number of other targeted
+    parameters of the same module that PEFT wraps around it (its file keys get ``nest`` times
+    ``.base_layer``); a 3-D weight is ``(experts, in, out)`` (``layout.stack == 1``), one LoRA
+    pair per expert, stored in PEFT's ``ParamWrapper`` layout (`_ExpertRule`)."""
+
     r: int = 8
     use_dora: bool = False
     lora_dropout: float = 0.0
     init_weights: bool | str = True
+    target_parameter: str | None = None
+    nest: int = 0
 
     method: ClassVar[str] = "lora"
     buffers: ClassVar[frozenset[str]] = frozenset({"weight_norm"})  # DoRA's merge-time norm
@@ -205,7 +293,19 @@ class LoraSpec(Spec):
         return self.use_dora
 
     def describe(self) -> str:
+        if self.target_parameter is not None and self.layout.stack:
+            return f"lora(r={self.r}, experts={self.n_layers})"
         return f"{'dora' if self.use_dora else 'lora'}(r={self.r})"
+
+    @property
+    def supports_lora_conversion(self) -> bool:  # type: ignore[override]
+        # PEFT: lora.Linear (its DoRA variant too, whose `get_delta_weight` then drops the
+        # magnitude: peftjax refuses DoRA, whose change of W is not `scale * A @ B`); not
+        # embeddings, convs or `target_parameters` (lora.ParamWrapper)
+        return self.layout.kind == "dense" and not self.use_dora and self.target_parameter is None
+
+    def file_parameter(self):
+        return None if self.target_parameter is None else (self.target_parameter, self.nest)
 
     # ---- init -------------------------------------------------------------------------------
     def init_layer(self, key, w_layer, scale, dtype):
@@ -229,7 +329,9 @@ class LoraSpec(Spec):
             else:
                 a = kaiming_uniform(ka, a_shape, fan_in, dtype)
             if self.init_weights is False:
-                b = kaiming_uniform(kb, (r, out), r, dtype)
+                # PEFT's lora_B is a Linear(r * experts, out) on a targeted expert parameter
+                fan = r * self.n_layers if self.target_parameter is not None else r
+                b = kaiming_uniform(kb, (r, out), fan, dtype)
             else:
                 b = jnp.zeros((r, out), dtype)
         arrays = {"lora_A": a, "lora_B": b}
@@ -287,6 +389,12 @@ class LoraSpec(Spec):
     # ---- files and special forwards ----------------------------------------------------------
     def file_rules(self):
         kind, nsp = self.layout.kind, len(self.layout.spatial(self.shape))
+        if self.target_parameter is not None and self.layout.stack:
+            e = self.n_layers
+            return {
+                "lora_A": ("lora_A.weight", _ExpertRule(L.RuleKind.SAME, factor="A", experts=e)),
+                "lora_B": ("lora_B.weight", _ExpertRule(L.RuleKind.SAME, factor="B", experts=e)),
+            }
         if kind == "embed":
             out = {
                 "lora_A": ("lora_embedding_A", L.TRANSPOSE),
@@ -354,3 +462,35 @@ def _factored_col_norm(w, a, b, scale):
 def _col_norm(w):
     """L2 norm of each output column of an ``(in, out)`` matrix (PEFT's row norm of ``W^T``)."""
     return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertRule(L.Rule):
+    """PEFT's ``lora.ParamWrapper`` layout of the LoRA factors of an ``(experts, in, out)``
+    weight: ``lora_A.weight`` is ``(r * E, in)`` with row ``e * r + k`` = factor ``k`` of expert
+    ``e``, ``lora_B.weight`` is ``(out, r * E)`` with column ``k * E + e`` (PEFT reshapes them
+    to ``(E, r, in)`` and ``(out, r, E)``). Flax side: ``lora_A (E, in, r)``, ``lora_B (E, r,
+    out)``, so expert ``e``'s delta is ``scale * lora_A[e] @ lora_B[e]``."""
+
+    factor: str = "A"
+    experts: int = 1
+
+    def torch_shape(self, s):
+        e, a, b = s
+        return (e * b, a) if self.factor == "A" else (b, a * e)
+
+    def flax_shape(self, t):
+        e = self.experts
+        return (e, t[1], t[0] // e) if self.factor == "A" else (e, t[1] // e, t[0])
+
+    def to_torch(self, a):
+        e, x, y = a.shape
+        if self.factor == "A":  # (E, in, r) -> (E, r, in) -> (E * r, in)
+            return a.transpose(0, 2, 1).reshape(e * y, x)
+        return a.transpose(2, 1, 0).reshape(y, x * e)  # (E, r, out) -> (out, r, E) -> (out, r*E)
+
+    def from_torch(self, t, shape):
+        e, x, y = shape
+        if self.factor == "A":
+            return t.reshape(e, y, x).transpose(0, 2, 1)
+        return t.reshape(y, x, e).transpose(2, 1, 0)
