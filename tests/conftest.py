@@ -326,8 +326,9 @@ def weight_nodes(tree) -> dict[str, pj.Adapted]:
 
 def randomize(q, seed: int = 0, names=None):
     """``q`` with every adapter array replaced by random values: IA3 vectors and DoRA magnitudes
-    in U(0.5, 1.5), LN-tuning / modules_to_save copies perturbed by N(0, 0.3^2), everything else
-    N(0, 0.3^2). Dtypes and shapes are kept. ``names``: only those adapters."""
+    in U(0.5, 1.5), LN-tuning / modules_to_save copies perturbed by N(0, 0.3^2), OFT's ``oft_R``
+    N(0, 0.1^2), everything else N(0, 0.3^2). Dtypes and shapes are kept. ``names``: only those
+    adapters."""
     rng = np.random.default_rng(seed)
 
     def one(k, v):
@@ -335,6 +336,10 @@ def randomize(q, seed: int = 0, names=None):
             new = rng.uniform(0.5, 1.5, v.shape)
         elif k == "weight":  # a copy (LN tuning, modules_to_save)
             new = np.asarray(v, np.float32) + rng.normal(0.0, 0.3, v.shape)
+        elif k == "oft_R":  # OFT's skew parameters: PEFT's random init, N(0, 0.1^2), keeps the
+            # Neumann series near a rotation (at N(0, 0.3^2) it can be near-singular, and the
+            # merge / unmerge round trip then amplifies rounding without bound)
+            new = rng.normal(0.0, 0.1, v.shape)
         else:
             new = rng.normal(0.0, 0.3, v.shape)
         return jnp.asarray(new, v.dtype)
