@@ -12,7 +12,7 @@ import numpy as np
 
 from . import paths as P
 from ._peft_keys import torch_name
-from ._tree import Leaf, _dotted, weight_leaf
+from ._tree import Leaf, dotted, weight_leaf
 from .config import AdapterConfig
 from .errors import ConfigError, TargetError, UnsupportedModuleError
 from .layout import Layout, LayoutSpec, resolve_layout
@@ -99,7 +99,7 @@ def parameter_path(l: Leaf) -> str:
     """The PEFT parameter path of a leaf (``target_parameters`` match these): its parent's
     dotted path and its torch name, e.g. ``mlp.experts.gate_up_proj`` or, for a ``kernel``
     leaf of module ``mlp.experts``, ``mlp.experts.weight``."""
-    parent = _dotted(l.names[:-1])
+    parent = dotted(l.names[:-1])
     return f"{parent}.{torch_name(l.name)}" if parent else torch_name(l.name)
 
 

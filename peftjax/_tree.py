@@ -31,6 +31,7 @@ __all__ = [
     "Leaf",
     "adapted_nodes",
     "bias_leaf",
+    "dotted",
     "global_active",
     "group_modules",
     "keypath_to_names",
@@ -74,7 +75,8 @@ def keypath_to_names(keypath: Iterable[Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _dotted(names: Sequence[str]) -> str:
+def dotted(names: Sequence[str]) -> str:
+    """Segments as a dotted path, a leading linen ``params`` collection dropped."""
     names = list(names)
     if names and names[0] == _COLLECTION:
         names = names[1:]
@@ -85,9 +87,9 @@ def module_path(names: Sequence[str], ndim: int = 0) -> str:
     """The module path of the leaf at ``names`` (its segments) with ``ndim`` dims."""
     name = names[-1] if names else ""
     own = name not in MEMBER_NAMES and ndim >= 2
-    module = _dotted(names[:-1])
+    module = dotted(names[:-1])
     if own or not module:  # a weight at the root is a module of its own
-        module = _dotted(names)
+        module = dotted(names)
     return module
 
 

@@ -40,11 +40,11 @@ from .errors import (
     TargetError,
     UnsupportedModuleError,
 )
-from .io import _narrowed, _pattern, _reverse_map, file_key, save_pretrained
+from .io import exact_pattern, file_key, narrowed, reverse_map, save_pretrained
 from .layout import LayoutSpec, resolve_layout
 from .methods import COPY, DELTA, METHODS, Spec, method_named, method_of
 from .node import is_adapted
-from .transforms import _check_names, adapter_names, inject, with_shared
+from .transforms import adapter_names, check_names, inject, with_shared
 
 __all__ = [
     "convert_to_lora",
@@ -130,7 +130,7 @@ def inject_from_state_dict(
     key_map = key_map or stacked_key_map()
     leaves = walk(params)[0]
     groups = group_modules(leaves)
-    rev = _reverse_map(params, key_map, layouts)
+    rev = reverse_map(params, key_map, layouts)
 
     adapter: dict[str, dict[int | None, dict[str, str]]] = {}
     peft_of: dict[tuple[str, int | None], str] = {}
@@ -175,7 +175,7 @@ def inject_from_state_dict(
     _warn_if_config_differs(config, groups, layouts, set(adapter))
     if ranks == "state_dict":
         config = _ranks_from_shapes(config, adapter, peft_of, groups, layouts, state_dict)
-    inner, _ = _narrowed(config, adapter, peft_of, {})
+    inner, _ = narrowed(config, adapter, peft_of, {})
     inner = dataclasses.replace(inner, modules_to_save=config.modules_to_save)
     new = inject(
         params,
@@ -297,7 +297,7 @@ def _ranks_from_shapes(config, adapter, peft_of, groups, layouts, state_dict) ->
                 "has one rank."
             )
         found[mod] = next(iter(per_layer.values()))
-    return dataclasses.replace(config, rank_pattern=_first(_pattern(found), config))
+    return dataclasses.replace(config, rank_pattern=_first(exact_pattern(found), config))
 
 
 def _first(exact: dict, config) -> FrozenDict:
@@ -411,7 +411,7 @@ def supports_lora_conversion(params, name: str = "default") -> bool:
     (`Spec.supports_lora_conversion`: LoRA without DoRA, LoHa, LoKr on dense weights, and any
     other method whose spec says so). ``modules_to_save`` copies are carried over as they are.
     """
-    _check_names(params, [name], "name")
+    check_names(params, [name], "name")
     return not _unsupported(walk(params)[0], name)[1]
 
 
@@ -527,7 +527,7 @@ def convert_to_lora(params, rank: int | float, name: str = "default", *, new_nam
       MergeError: the adapter is merged.
     """
     _check_rank(rank)
-    _check_names(params, [name], "name")
+    check_names(params, [name], "name")
     if new_name is not None:
         if not isinstance(new_name, str) or not new_name:
             raise ArgumentTypeError(f"`new_name` must be a non-empty str, got {new_name!r}.")

@@ -635,7 +635,7 @@ def inspect_adapter(path: str | os.PathLike, name: str = "default") -> dict[str,
 # ---------------------------------------------------------------------------------- load
 
 
-def _reverse_map(params, key_map: KeyMap, layouts: LayoutSpec) -> dict[str, tuple[str, int | None]]:
+def reverse_map(params, key_map: KeyMap, layouts: LayoutSpec) -> dict[str, tuple[str, int | None]]:
     """``{PEFT module path: (module path, layer)}`` over every module of ``params``."""
     leaves, _ = walk(params)
     out: dict[str, tuple[str, int | None]] = {}
@@ -725,7 +725,7 @@ def _check_targets_present(d: Path, config, params, key_map, layouts, present: s
         )
 
 
-def _pattern(values: dict[str, Any]) -> dict[str, Any]:
+def exact_pattern(values: dict[str, Any]) -> dict[str, Any]:
     """An exact-path rank/alpha pattern (longest paths first: the first match wins)."""
     order = sorted(values, key=lambda p: (-p.count("."), -len(p), p))
     return {re.escape(p): values[p] for p in order}
@@ -808,7 +808,7 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
     """Match the file's keys to the modules of ``params`` and narrow its config to them."""
     d, config, tensors = files.dir, files.config, files.tensors
     method = method_of(config)
-    rev = _reverse_map(params, key_map, layouts)
+    rev = reverse_map(params, key_map, layouts)
     targets, order = _parameter_targets(params, config, key_map, layouts, tensors)
     rev.update({fm: (mod, None) for fm, (mod, _, _) in targets.items()})
     adapter: dict[str, dict[int | None, dict[str, str]]] = {}
@@ -856,7 +856,7 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
                 "pass `strict=False` to load the others."
             )
     params_of = {mod: param for mod, _, param in targets.values()}
-    inner, scales = _narrowed(config, adapter, peft_of, leaf_keys, params_of)
+    inner, scales = narrowed(config, adapter, peft_of, leaf_keys, params_of)
     if order:  # exact parameter paths, listed so that `inject` nests them as the file does
         inner = dataclasses.replace(inner, target_parameters=order)
     return _LoadPlan(adapter, leaf_keys, unmatched, inner, scales)
@@ -917,7 +917,7 @@ def _nest_by_shapes(group: list, config, key_map, tensors) -> None:
             p.nest = nest
 
 
-def _narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: dict, params_of=None):
+def narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: dict, params_of=None):
     """``(config, scales)``: the file's config narrowed to exactly the modules present, with
     each module's rank and alpha as exact-path patterns where they differ. ``params_of``:
     ``{module: parameter path}`` of the targeted parameters (``target_parameters``, kept as
@@ -957,7 +957,7 @@ def _narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: di
             if len(set(vals.values())) == 1:
                 kw[field], kw[pat] = next(iter(vals.values())), {}
             else:
-                kw[pat] = _pattern(vals)
+                kw[pat] = exact_pattern(vals)
     kw.update(config.narrowed_fields(paths))
     return dataclasses.replace(config, **kw), scales
 

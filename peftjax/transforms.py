@@ -78,7 +78,7 @@ def active(params) -> tuple[str, ...]:
 def targeted_modules(params, name: str | None = None) -> list[str]:
     """Sorted module paths carrying adapter ``name`` (any adapter when ``None``)."""
     if name is not None:
-        _check_names(params, [name], "name")
+        check_names(params, [name], "name")
     mods = set()
     for l in walk(params)[0]:
         if is_adapted(l.value) and (name is None or name in l.value.names):
@@ -86,7 +86,7 @@ def targeted_modules(params, name: str | None = None) -> list[str]:
     return sorted(mods)
 
 
-def _names_arg(names, field: str) -> tuple[str, ...]:
+def names_arg(names, field: str) -> tuple[str, ...]:
     """``names`` (a str, a sequence of str, or ``None``) as a tuple; a peftjax error otherwise."""
     if names is None:
         return ()
@@ -106,7 +106,7 @@ def _names_arg(names, field: str) -> tuple[str, ...]:
     return out
 
 
-def _check_names(params, names, field: str):
+def check_names(params, names, field: str):
     have = adapter_names(params)
     for n in names:
         if not isinstance(n, str):
@@ -338,8 +338,8 @@ def set_active(params, names: str | Sequence[str] | None):
     As PEFT's ``set_adapter``: on a tree with merged adapters, every merged adapter is
     unmerged first (with a warning), then ``names`` become active (unmerged).
     """
-    names = _names_arg(names, "names")
-    _check_names(params, names, "names")
+    names = names_arg(names, "names")
+    check_names(params, names, "names")
     if len(set(names)) != len(names):
         raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
     leaves, treedef = walk(params)
@@ -372,8 +372,8 @@ def set_trainable(params, names: str | Sequence[str] | None = None, trainable: b
     """
     if not isinstance(trainable, (bool, np.bool_)):
         raise ArgumentTypeError(f"`trainable`: expected a bool, got {trainable!r}.")
-    names = adapter_names(params) if names is None else _names_arg(names, "names")
-    _check_names(params, names, "names")
+    names = adapter_names(params) if names is None else names_arg(names, "names")
+    check_names(params, names, "names")
     leaves, treedef = walk(params)
     out = []
     for l in leaves:
@@ -398,7 +398,7 @@ def frozen_adapters(params) -> tuple[str, ...]:
 def delete(params, name: str):
     """Remove adapter ``name`` everywhere. If it was active, the other active ones stay active;
     if none remain, the first of the sorted remaining names becomes active (as PEFT)."""
-    _check_names(params, [name], "name")
+    check_names(params, [name], "name")
     leaves, treedef = walk(params)
     for l in leaves:
         if is_adapted(l.value) and name in l.value.merged:
@@ -549,8 +549,8 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
     if not isinstance(safe, (bool, np.bool_)):
         raise ArgumentTypeError(f"`safe`: expected a bool, got {safe!r}.")
     leaves, treedef = walk(params)
-    names = global_active(leaves) if names is None else _names_arg(names, "names")
-    _check_names(params, names, "names")
+    names = global_active(leaves) if names is None else names_arg(names, "names")
+    check_names(params, names, "names")
     if len(set(names)) != len(names):  # would fold the same delta in twice
         raise AdapterNameError(f"`names`: {list(names)} lists an adapter twice.")
     if safe:
@@ -657,10 +657,10 @@ def merge_and_unload(params, names: str | Sequence[str] | None = None, *, safe: 
     """Merge the active (or named) adapters and return a plain tree with exactly the original
     structure, shapes and dtypes. Disabled params (`pj.disable_adapters`) merge their active
     adapters all the same, as PEFT's ``merge_and_unload`` inside ``disable_adapter()``."""
-    from .tuner_api import adapters_disabled, enable_adapters
-
-    if adapters_disabled(params):
-        params = enable_adapters(params)
+    leaves, treedef = walk(params)
+    if any(node.disabled for node in adapted_nodes(leaves)):  # enabled again first
+        vals = [l.value.replace(disabled=False) if is_adapted(l.value) else l.value for l in leaves]
+        params = jax.tree_util.tree_unflatten(treedef, vals)
     return _strip(merge(params, names, safe=safe))
 
 

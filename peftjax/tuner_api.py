@@ -46,7 +46,7 @@ from .errors import (
 )
 from .methods import DELTA, Spec, method_of
 from .node import Adapted, is_adapted
-from .transforms import _check_names, _names_arg, set_trainable, unmerge, with_shared
+from .transforms import check_names, names_arg, set_trainable, unmerge, with_shared
 
 __all__ = [
     "adapters_disabled",
@@ -148,8 +148,8 @@ def set_requires_grad(params, adapter_names: str | Sequence[str], requires_grad:
         )
     if not isinstance(requires_grad, (bool, np.bool_)):
         raise ArgumentTypeError(f"`requires_grad`: expected a bool, got {requires_grad!r}.")
-    names = _names_arg(adapter_names, "adapter_names")
-    _check_names(params, names, "adapter_names")
+    names = names_arg(adapter_names, "adapter_names")
+    check_names(params, names, "adapter_names")
     if not names:
         leaves, treedef = walk(params)
         return rebuild(treedef, leaves)
@@ -264,7 +264,7 @@ def set_scale(params, adapter: str, scale):
         raise AdapterNameTypeError(
             f"`adapter`: expected an adapter name (str), got {type(adapter).__name__} {adapter!r}."
         )
-    _check_names(params, [adapter], "adapter")
+    check_names(params, [adapter], "adapter")
     s = _scale_arg(scale, "scale")
     return _rescale(
         params,
@@ -336,7 +336,7 @@ def get_delta_weight(params, module_path: str, name: str = "default") -> jax.Arr
         raise AdapterNameTypeError(
             f"`name`: expected an adapter name (str), got {type(name).__name__} {name!r}."
         )
-    _check_names(params, [name], "name")
+    check_names(params, [name], "name")
     leaves, _ = walk(params)
     groups = group_modules(leaves)
     carrying = sorted({l.module for l in leaves if is_adapted(l.value) and name in l.value.names})

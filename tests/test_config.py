@@ -174,7 +174,10 @@ def test_class_attributes(cls):
 
 
 def test_peft_types_and_abstract_base():
-    assert set(PEFT_TYPES) == {"LORA", "LOHA", "LOKR", "IA3", "LN_TUNING"}
+    from peftjax.methods import METHODS
+
+    assert set(PEFT_TYPES) == {m.peft_type for m in METHODS.values()}
+    assert {"LORA", "LOHA", "LOKR", "IA3", "LN_TUNING", "VERA", "ADALORA"} <= set(PEFT_TYPES)
     with pytest.raises(TypeError):
         AdapterConfig()
 
@@ -487,7 +490,7 @@ def test_wrong_peft_type():
     with pytest.raises(ConfigError, match="`peft_type`"):
         IA3Config.from_dict(LoraConfig().to_dict())
     with pytest.raises(ConfigError, match="IA3.*LN_TUNING.*LOHA.*LOKR.*LORA"):
-        config_from_dict({"peft_type": "ADALORA", "r": 8})
+        config_from_dict({"peft_type": "FOURIERFT", "r": 8})
     with pytest.raises(ConfigError, match="`peft_type`=None"):
         config_from_dict({"r": 8})
     with pytest.raises(ConfigError):
