@@ -144,6 +144,7 @@ def _build_cases() -> list[Case]:
         )
     cases += _adalora_cases()
     cases += _vera_cases()
+    cases += _oft_cases()
     return cases
 
 
@@ -190,6 +191,37 @@ def _vera_cases() -> list[Case]:
             stacked_layers=(0, 2),
         ),
     ]
+
+
+def _oft_cases() -> list[Case]:
+    """OFT (multiplicative: a block-diagonal rotation of the input features) on every kind of
+    weight PEFT adapts with it (Linear, Conv2d, Embedding), stacked ones too, and its variants:
+    exact Cayley, COFT, shared blocks, ``r`` instead of ``oft_block_size``. Block size 4 divides
+    every rotated width here (dense 24 / 16 / 8, conv 4 * 3 * 3 = 36, embedding 16)."""
+    O = lambda targets, **kw: pj.OFTConfig(  # noqa: E731
+        oft_block_size=4, target_modules=targets, **kw
+    )
+    out = []
+    for kind in ("dense", "dense_general", "conv", "stacked"):
+        tree, targets, _, layouts = KINDS[kind]
+        out.append(Case(f"oft-{kind}", O(targets), tree, layouts))  # Neumann, PEFT's default
+    dense = ["down_proj"]
+    out += [
+        Case("oft_exact-dense", O(dense, use_cayley_neumann=False), "llama"),
+        Case("oft_coft-dense", O(dense, coft=True, eps=0.5), "llama"),
+        Case("oft_block_share-dense", O(dense, block_share=True, coft=True, eps=0.2), "llama"),
+        Case("oft_r-dense", pj.OFTConfig(r=3, oft_block_size=0, target_modules=dense), "llama"),
+        Case("oft-embed", O(["embed_tokens"]), "llama"),
+        Case(
+            "oft-stacked-layers_0_2",
+            O(["down_proj"], layers_to_transform=[0, 2]),
+            "stacked",
+            STACKED_LAYOUT,
+            True,
+            (0, 2),
+        ),
+    ]
+    return out
 
 
 CASES = _build_cases()

@@ -28,6 +28,7 @@ from .ln_tuning import LN_INFIX, CopySpec, LNTuningConfig
 from .loha import LoHaConfig, LoHaSpec
 from .lokr import LoKrConfig, LoKrSpec, factorization
 from .lora import LoraConfig, LoraSpec
+from .oft import OFTConfig, OFTSpec
 from .vera import VERA_A_KEY, VERA_B_KEY, VeraConfig, VeraSpec
 
 __all__ = [
@@ -192,6 +193,14 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
                         3e-2,
                     )
                 },
+            ),
+            Method(
+                "oft",
+                OFTConfig,
+                (OFTSpec,),
+                adapts=("dense", "conv", "embed"),
+                key_suffixes=("oft_R.weight", "oft_embedding_R.weight"),
+                embed_suffixes=("oft_embedding_R.weight",),
             ),
             Method(
                 "vera",
