@@ -171,6 +171,7 @@ def flax_llama():
     return model
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_llama_logits_and_orth_reg(flax_llama):
     model = flax_llama
     case = "llama_adalora"
@@ -299,6 +300,7 @@ def test_allocator_is_pure_and_prunes_only_after_a_mask():
     np.testing.assert_allclose(pj.apply(mlp)(pruned, x), pj.apply(mlp)(q, x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_training_reaches_target_budget_and_saves_rank_pattern(tmp_path):
     rng = np.random.default_rng(0)
     base = {

@@ -127,6 +127,7 @@ def test_peft_fixture(case, tmp_path):
     assert saved_cfg == fixture_cfg
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_llama_through_hf_flax_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     case = "llama_oft"

@@ -73,7 +73,12 @@ def inject(method, ltt, p=None, **kw):
     return pj.inject(base() if p is None else p, CONFIGS[method](ltt), key=KEY, layouts=LAY, **kw)
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+def _fast(*keep):
+    """The methods as params; those not in ``keep`` run with `-m slow` (compile-heavy)."""
+    return [pytest.param(m, marks=[] if m in keep else [pytest.mark.slow]) for m in CONFIGS]
+
+
+@pytest.mark.parametrize("method", _fast("lora", "loha", "ia3"))
 def test_stores_k_slices_with_todays_values(method):
     q, full = inject(method, [1, 3]), inject(method, None)
     spec, arrays = node(q).spec("default"), node(q).arrays["default"]
@@ -93,7 +98,7 @@ def test_stores_k_slices_with_todays_values(method):
     assert f"  {2 * PER_LAYER[method]:,d}  " in pj.summary(q, print_fn=lambda s: None)
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", _fast("lora", "ia3"))
 def test_apply_and_gradients_equal_the_merged_model(method):
     p, x = base(), xs()
     q = inject(method, [1, 3])

@@ -128,6 +128,7 @@ def test_fixture_outputs_and_merge(case, loaded):
     np.testing.assert_allclose(y, io["y_adapted"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_llama_through_hf_flax_model(loaded):
     transformers = pytest.importorskip("transformers")
     cfg = json.loads((FIX / "llama_vera" / "llama_config.json").read_text())
@@ -193,6 +194,7 @@ def test_file_without_projections_regenerates_them(tmp_path):
     np.testing.assert_array_equal(np.asarray(holder_arrays(back)["vera_A"]).T, a)
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_inspect_and_cli_merge(tmp_path):
     info = pio.inspect_adapter(FIX / "llama_vera")
     assert info["method"] == "vera" and info["modules_to_save"] == []  # shared keys: no module
