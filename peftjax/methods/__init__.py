@@ -1,11 +1,12 @@
 """The method registry: one row per method, and the only thing generic code asks about methods.
 
-Each method lives in one module of this package (`lora`, `loha`, `lokr`, `ia3`, `ln_tuning`),
-which holds everything about it: its config class (PEFT's field names, defaults, validation, how
-a module's spec is made from it and how it is rebuilt from specs), its `Spec` (init, delta,
-merge / unmerge, forward rules for dense, conv and embedding uses, PEFT file rules, which arrays
-are parameters and which never train). `inject`, `merge`, the forward, the files, training,
-checkpoints, the CLI and the demo reach a method only through `METHODS` and the functions here.
+Each method lives in one module of this package (`lora`, `loha`, `lokr`, `oft`, `vera`,
+`adalora`, `ia3`, `ln_tuning`), which holds everything about it: its config class (PEFT's field
+names, defaults, validation, how a module's spec is made from it and how it is rebuilt from
+specs), its `Spec` (init, delta, merge / unmerge, forward rules for dense, conv and embedding
+uses, PEFT file rules, which arrays are parameters and which never train). `inject`, `merge`,
+the forward, the files, training, checkpoints, the CLI and the demo reach a method only through
+`METHODS` and the functions here.
 
 Adding a method: write its module, add one `Method` row to `METHODS`, add its rows to the test
 case table (``tests/cases.py``); nothing else changes.
