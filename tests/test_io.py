@@ -638,7 +638,7 @@ def test_keys_that_do_not_fit_the_config(tmp_path, mlp):
 @pytest.mark.parametrize(
     "edit, error, match",
     [
-        ({"peft_type": "VERA"}, pj.FormatError, "LORA"),
+        ({"peft_type": "FOURIERFT"}, pj.FormatError, "LORA"),
         ({"peft_type": None}, pj.FormatError, "peft_type"),
         ({"use_qalora": True}, pj.ConfigError, "use_qalora"),
         ({"lora_bias": True}, pj.ConfigError, "lora_bias"),
