@@ -235,6 +235,7 @@ def test_frozen_flag_is_per_adapter_and_delete_drops_it():
 # ------------------------------------------------------------------------------ 5. scanned counts
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_stacked_layers_to_transform_count_matches_peft():
     L, d_in, d_out, r = 4, 8, 6, 2
     p = {"layers": {"q": {"kernel": jnp.ones((L, d_in, d_out))}}}

@@ -172,6 +172,7 @@ SLOW_ROWS = {
     ("nnx", "lora"),
     ("llama", "lokr"),
     ("llama", "loha"),
+    ("llama", "dora"),
 }
 EXEMPT_FROM_HLO = {"loha"}
 
@@ -372,6 +373,7 @@ def _randomize_b(t, f):
     return t, f
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_inference_builds_the_delta_once_when_that_is_cheaper():
     """Not differentiated, with more tokens than ``in*out/(in+out)``, a LoRA dot runs as
     ``x @ (W + dW)`` (the delta built once per call); with few tokens it stays factored. Under

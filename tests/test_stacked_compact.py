@@ -134,7 +134,7 @@ def test_apply_and_gradients_equal_the_merged_model(method):
     np.testing.assert_allclose(jax.jit(pj.apply(per_layer))(q, x), ys, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
+@pytest.mark.parametrize("method", _fast("lora", "dora", "loha"))
 def test_merge_unmerge_round_trip(method):
     p = base()
     q = inject(method, [1, 3])
@@ -215,6 +215,7 @@ def test_load_file_with_some_layers_is_compact_and_ia3_bias_follows(tmp_path):
     assert sorted(pio.read_safetensors(tmp_path / "again" / pio.WEIGHTS_NAME)[0]) == sorted(t)
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_two_stack_axes_compact_over_flat_layer_indices():
     p = base(shape=(2, 3, D_IN, D_IN))
     p = {"blocks": p["layers"]["mlp"]}
@@ -284,6 +285,7 @@ def _step_and_state(ltt):
     return cost["flops"], size(state), size(out_state), size(out_t)
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_train_step_state_and_flops_scale_with_transformed_layers():
     flops_1, state_1, out_state_1, t_1 = _step_and_state([1])
     flops_all, state_all, out_state_all, t_all = _step_and_state(None)

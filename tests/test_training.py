@@ -174,6 +174,7 @@ def test_training_with_dropout_rng():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_mixed_precision_bf16_base_float32_adapters():
     m32, p, x, y = problem()
     m = MLP(dtype=jnp.bfloat16)
@@ -279,6 +280,7 @@ def test_config_replace_keeps_training_identical():
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_adapter_optimizer_updates_only_adapters_on_a_full_tree():
     import optax
 

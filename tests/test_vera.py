@@ -330,6 +330,7 @@ def test_dropout_and_fused_paths(monkeypatch):
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(g))
 
 
+@pytest.mark.slow  # compile-heavy: runs with `-m slow` (CI runs both)
 def test_stacked_scan_and_layers_to_transform(monkeypatch):
     p = make_stacked()["params"]
 
