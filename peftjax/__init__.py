@@ -26,6 +26,7 @@ from .errors import (
     PartitionError as PartitionError,
     PeftJaxError as PeftJaxError,
     ShapeError as ShapeError,
+    ShardingError as ShardingError,
     TargetError as TargetError,
     UnsupportedModuleError as UnsupportedModuleError,
 )
@@ -44,6 +45,7 @@ from .methods import (
     factorization as factorization,
 )
 from .node import Adapted as Adapted
+from .sharding import shardings as shardings
 from .training import (
     adapter_optimizer as adapter_optimizer,
     combine as combine,
@@ -106,6 +108,8 @@ __all__ = sorted(
         "MergeError",
         "PeftJaxError",
         "ShapeError",
+        "ShardingError",
+        "shardings",
         "TargetError",
         "UnsupportedModuleError",
         "active",

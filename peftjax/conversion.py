@@ -44,6 +44,7 @@ from .io import exact_pattern, file_key, narrowed, reverse_map, save_pretrained
 from .layout import LayoutSpec, resolve_layout
 from .methods import COPY, DELTA, METHODS, Spec, method_named, method_of
 from .node import is_adapted
+from .sharding import place
 from .transforms import adapter_names, check_names, inject, with_shared
 
 __all__ = [
@@ -187,7 +188,8 @@ def inject_from_state_dict(
         activate=activate,
         trainable=trainable,
     )
-    return _fit_to_state_dict(new, name, adapter, state_dict, config, groups, layouts, strict)
+    out = _fit_to_state_dict(new, name, adapter, state_dict, config, groups, layouts, strict)
+    return place(out)
 
 
 def _normalize(k: str, method, name: str) -> str:
@@ -579,7 +581,7 @@ def convert_to_lora(params, rank: int | float, name: str = "default", *, new_nam
                 )
             l = dataclasses.replace(l, value=node)
         out.append(l)
-    return rebuild(treedef, out)
+    return place(rebuild(treedef, out))  # the SVD factors follow sharded bases
 
 
 def save_as_lora(

@@ -56,3 +56,7 @@ class PartitionError(PeftJaxError, ValueError):
 
 class LayoutError(PeftJaxError, ValueError):
     """A weight's layout (how `inject` read it) disagrees with how the model uses it."""
+
+
+class ShardingError(PeftJaxError, ValueError):
+    """A sharding tree or `PartitionSpec` does not fit the params or the mesh."""

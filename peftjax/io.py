@@ -113,6 +113,7 @@ from .methods import (
     method_of_peft_type,
 )
 from .node import is_adapted
+from .sharding import place, put_like
 from .transforms import inject
 
 __all__ = [
@@ -1017,7 +1018,7 @@ def _build_load(params, new, concrete: bool, plan: _LoadPlan, files: _Files, nam
             f"`{d / WEIGHTS_NAME}`: {len(left)} key(s) do not fit the {files.config.peft_type} "
             f"config ({type(files.config).__name__}): {left[:20]}"
         )
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return place(jax.tree_util.tree_unflatten(treedef, out))  # arrays follow sharded bases
 
 
 def _shared_from_file(spec, init, tensors, used, missing, dtype, module, name) -> dict:
@@ -1074,6 +1075,7 @@ def _carried_base(plan, leaf, node, name, tensors, used):
     base = node.base if is_adapted(node) else node
     rule = L.leaf_rule(leaf.name, tuple(base.shape))
     val = jnp.asarray(_from_file(k, tensors[k], rule, tuple(base.shape)), base.dtype)
+    val = put_like(val, base)  # where the base weight it replaces was (a mesh)
     used.add(k)
     if not is_adapted(node):
         return val

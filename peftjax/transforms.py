@@ -42,6 +42,7 @@ from .errors import (
 from .layout import Layout, LayoutSpec
 from .methods import COPY, DERIVED, Spec, modules_to_save_spec
 from .node import Adapted, is_adapted
+from .sharding import abstract_like, place, place_node
 
 
 def adapter_names(params) -> tuple[str, ...]:
@@ -264,7 +265,8 @@ def inject(
     kw = dict(name=name, layouts=layouts, dtype=dtype, activate=activate, trainable=trainable)
     if _abstract(params):
         # abstract leaves: check everything on the abstract tree, then run under eval_shape
-        return jax.eval_shape(lambda p: inject(p, config, key=key, **kw), params)
+        out = jax.eval_shape(lambda p: inject(p, config, key=key, **kw), params)
+        return abstract_like(out, params)  # the rule's shardings, where the inputs had some
     leaves, treedef = walk(params)
     _validate_name(name, leaves)
     groups = group_modules(leaves)
@@ -276,7 +278,7 @@ def inject(
     do_activate = (not adapted_nodes(leaves)) if activate is None else activate
     act = (prior + (name,)) if do_activate and name not in prior else prior
     new = _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, not trainable)
-    return rebuild(treedef, [_with_active(l, act) for l in new])
+    return place(rebuild(treedef, [_with_active(l, act) for l in new]))
 
 
 def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, frozen) -> list[Leaf]:
@@ -588,9 +590,20 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
                         "values; nothing was merged."
                     )
                 node = node.replace(base=base, arrays=arrays, merged=node.merged + tuple(todo))
+                node = _keep_sharding(node, l)
             l = dataclasses.replace(l, value=node)
         out.append(l)
     return rebuild(treedef, out)
+
+
+def _keep_sharding(node: Adapted, l: Leaf) -> Adapted:
+    """``node`` (merged or unmerged from ``l``) with its base on the sharding of ``l``'s base and
+    its arrays where the mesh rule puts them (`peftjax.sharding`): a merge on a mesh changes no
+    leaf's sharding."""
+    old = l.value.base
+    if not isinstance(old, jax.Array) or isinstance(old, jax.core.Tracer):
+        return node
+    return place_node(node, l.module, base_sharding=old.sharding)
 
 
 def _warn_merged(leaves, names) -> None:
@@ -625,7 +638,7 @@ def unmerge(params):
             base, arrays = _fold(
                 node, groups[l.module], tuple(reversed(node.merged)), undo=True, groups=groups
             )
-            node = node.replace(base=base, arrays=arrays, merged=())
+            node = _keep_sharding(node.replace(base=base, arrays=arrays, merged=()), l)
             l = dataclasses.replace(l, value=node)
         out.append(l)
     return rebuild(treedef, out)

@@ -32,7 +32,16 @@ copy of a tree and bit-exact comparison, adapter metadata included), `assert_tre
 
 from __future__ import annotations
 
-import jax
+import os
+
+# 8 simulated CPU devices for the mesh tests (tests/test_sharding.py), set before jax starts;
+# single-device tests are unaffected (arrays live on device 0 unless put elsewhere).
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -48,3 +48,16 @@ def test_forward_handlers_are_keyed_by_primitive_objects():
     # interpreter handles or an ordinary one: a jit inside is inlined, not a stale name
     names = {p.name for p in pjf._HANDLERS}
     assert {"jit", "scan", "dot_general", "remat2", "conv_general_dilated", "gather"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_states_its_mesh_rule_in_its_own_module(name):
+    """`Spec.sharding_roles` (how the adapter's arrays follow a sharded base weight) is defined
+    by each spec class with arrays, not inherited from the default (replicate everything)."""
+    from peftjax.methods import DERIVED
+
+    for cls in METHODS[name].specs:
+        if getattr(cls, "role", None) == DERIVED:
+            continue  # no arrays of its own
+        owner = next(c for c in cls.__mro__ if "sharding_roles" in vars(c))
+        assert owner.__name__ != "Spec", f"{cls.__name__} has no mesh rule (sharding_roles)"

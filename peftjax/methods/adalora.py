@@ -68,7 +68,7 @@ from ..errors import (
     UnsupportedModuleError,
 )
 from ..node import is_adapted
-from .base import Spec, dropout, one_value, spec_fields
+from .base import IN, OUT, RANK, Spec, dropout, one_value, spec_fields
 
 __all__ = [
     "API",
@@ -461,6 +461,11 @@ class AdaLoraSpec(Spec):
         if self.init_weights:  # any truthy value: PEFT's reset_lora_parameters
             return {"lora_A": a * 0.02, "lora_E": jnp.zeros((r,), dtype), "lora_B": b * 0.02}
         return {"lora_A": a, "lora_E": jax.random.normal(ke, (r,), dtype), "lora_B": b}  # randn
+
+    def sharding_roles(self):
+        """As LoRA's: ``A (in, r)`` on the input sharding, ``B (r, out)`` on the output's, the
+        singular values ``E (r,)`` replicated (rank axis)."""
+        return {"lora_A": (IN, RANK), "lora_E": (RANK,), "lora_B": (RANK, OUT)}
 
     def delta_matrix(self, arrays, scale):
         a = arrays["lora_A"].astype(jnp.float32)
@@ -871,7 +876,9 @@ def adalora_prune(params, state: dict, name: str | None = None):
         specs = tuple((n, new_spec if n == name else s) for n, s in node.specs)
         node = node.replace(arrays={**node.arrays, name: new_arrays}, specs=specs)
         out[e.index] = dataclasses.replace(leaves[e.index], value=node)
-    return rebuild(treedef, out)
+    from ..sharding import place  # (peftjax.sharding imports the methods)
+
+    return place(rebuild(treedef, out))  # the pruned arrays stay on the rule's shardings
 
 
 #: The functions `peftjax` exports by name (the registry row's ``api``).

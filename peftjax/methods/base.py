@@ -53,6 +53,11 @@ Arrays = dict[str, Any]
 #: ``derived``: no arrays of its own; the leaf follows the adapter of a sibling leaf (`owner`).
 DELTA, COPY, DERIVED = "delta", "copy", "derived"
 
+#: Axis roles of `Spec.sharding_roles` (see `peftjax.sharding`): the base weight's matrix-view
+#: input / output axis, and the adapter rank (replicated unless a ``rank_axis`` is asked for).
+#: An ``int`` role is that axis of the base weight's layer; ``None`` is replicated.
+IN, OUT, RANK = "in", "out", "rank"
+
 
 def kaiming_uniform(key, shape, fan_in: int, dtype=jnp.float32):
     """torch's ``kaiming_uniform_(w, a=sqrt(5))``: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
@@ -196,6 +201,14 @@ class Spec:
         before every forward: COFT's projection); identity for most methods. `pj.constrain`
         applies it to a tree, `save_pretrained` writes constrained arrays."""
         return arrays
+
+    def sharding_roles(self) -> dict[str, tuple]:
+        """How each adapter array follows the base weight's sharding on a mesh: ``{array: one
+        role per layer axis}`` (stack axes are prepended by `peftjax.sharding`), each role
+        `IN` / `OUT` (the matrix view's axes), `RANK`, an ``int`` (that axis of the base
+        weight's layer) or ``None`` (replicated). Arrays not listed are replicated; so is
+        everything by default."""
+        return {}
 
     def shared_holder(self) -> str | None:
         """For a method whose adapter shares arrays across modules (VeRA's projections): the

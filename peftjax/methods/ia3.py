@@ -19,7 +19,7 @@ from .. import _torch_layout as L, paths as P
 from ..config import AdapterConfig, check_bool, fail, module_names, regex_field
 from ..errors import ConfigError, UnsupportedModuleError
 from ..layout import Layout
-from .base import DERIVED, Spec, one_value, spec_fields
+from .base import DERIVED, IN, OUT, Spec, one_value, spec_fields
 
 EPS = 1e-8
 
@@ -115,6 +115,14 @@ class IA3Spec(Spec):
         if not self.feedforward:
             return n_out
         return self.shape[-2] if self.layout.kind == "conv" else n_in
+
+    def sharding_roles(self):
+        """The vector scales the output features (the input features, feedforward; a conv's
+        input channels), so it takes that axis's sharding."""
+        if not self.feedforward:
+            return {"ia3_l": (OUT,)}
+        conv = self.layout.kind == "conv"
+        return {"ia3_l": (len(self.layout.spatial(self.shape)),) if conv else (IN,)}
 
     def init_layer(self, key, w_layer, scale, dtype):
         if self.init_weights:

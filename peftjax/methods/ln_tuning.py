@@ -58,6 +58,10 @@ class CopySpec(Spec):
     def describe(self) -> str:
         return self.kind
 
+    def sharding_roles(self):
+        """A copy is sharded exactly as the leaf it copies."""
+        return {"weight": tuple(range(len(self.shape) - self.layout.stack))}
+
     def init_layer(self, key, w_layer, scale, dtype):
         return {"weight": w_layer}
 

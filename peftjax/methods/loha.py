@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from .. import _torch_layout as L
 from ..config import check_bool
-from .base import Spec, kaiming_uniform, lycoris_dropout, one_value, spec_fields
+from .base import IN, OUT, RANK, Spec, kaiming_uniform, lycoris_dropout, one_value, spec_fields
 from .lycoris import LycorisConfig
 
 
@@ -90,6 +90,20 @@ class LoHaSpec(Spec):
         if self.effective_conv:  # Tucker cores [r, r, kh, kw] <-> (kh, kw, r, r)
             out.update({n: (n, L.CONV) for n in ("hada_t1", "hada_t2")})
         return out
+
+    def sharding_roles(self):
+        """Both Hadamard factors as LoRA's: ``w*_b (in, r)`` on the input sharding, ``w*_a (r,
+        out)`` on the output's; the effective-conv Tucker layout stores ``w*_a (out, r)`` and
+        ``w*_b (in_channels, r)``, its cores ``t* (*spatial, r, r)`` replicated."""
+        if self.effective_conv:
+            cin = len(self.layout.spatial(self.shape))
+            return {n: (OUT, RANK) for n in ("hada_w1_a", "hada_w2_a")} | {
+                "hada_w1_b": (cin, RANK),
+                "hada_w2_b": (cin, RANK),
+            }
+        return {n: (RANK, OUT) for n in ("hada_w1_a", "hada_w2_a")} | {
+            n: (IN, RANK) for n in ("hada_w1_b", "hada_w2_b")
+        }
 
     def init_layer(self, key, w_layer, scale, dtype):
         n_in, n_out = self.in_out

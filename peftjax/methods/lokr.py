@@ -183,6 +183,11 @@ class LoKrSpec(Spec):
     def describe(self) -> str:
         return f"lokr(r={self.r})"
 
+    def sharding_roles(self):
+        """Replicated: a Kronecker factor's axes are factors of the weight's, not its axes, so
+        no base sharding carries over (each factor is about ``sqrt`` the weight's size)."""
+        return {}
+
     def init_layer(self, key, w_layer, scale, dtype):
         a, b, c, d = self.dims
         r = self.r

@@ -39,6 +39,9 @@ from ..config import (
 )
 from ..layout import Layout
 from .base import (
+    IN,
+    OUT,
+    RANK,
     RankedConfig,
     Spec,
     dropout,
@@ -339,6 +342,20 @@ class LoraSpec(Spec):
             w = self.to_matrix(w_layer) + self.delta_matrix(arrays, scale)
             arrays["lora_magnitude_vector"] = _col_norm(w).astype(dtype)
         return arrays
+
+    # ---- mesh -------------------------------------------------------------------------------
+    def sharding_roles(self):
+        """``A (in, r)`` takes the kernel's input sharding, ``B (r, out)`` its output sharding, the
+        rank replicated; a conv ``A (*spatial, in, r)`` keeps the kernel's spatial and input axes;
+        DoRA's magnitude and merge-time norm (one per output) follow the output axis."""
+        nsp = len(self.layout.spatial(self.shape))
+        a = (*range(nsp + 1), RANK) if self.layout.kind == "conv" else (IN, RANK)
+        return {
+            "lora_A": a,
+            "lora_B": (RANK, OUT),
+            "lora_magnitude_vector": (OUT,),
+            "weight_norm": (OUT,),
+        }
 
     # ---- math -------------------------------------------------------------------------------
     def a_matrix(self, a):

@@ -90,7 +90,7 @@ from ..config import (
     is_real,
 )
 from ..errors import ConfigError, UnsupportedModuleError
-from .base import Spec, one_value, spec_fields
+from .base import IN, OUT, Spec, one_value, spec_fields
 
 ARRAY = "oft_R"
 
@@ -441,6 +441,13 @@ class OFTSpec(Spec):
     def rows(self) -> int:
         """Rows of ``oft_R``: one per block, or one shared block."""
         return 1 if self.block_share else self.n_blocks
+
+    def sharding_roles(self):
+        """``oft_R (blocks, b(b-1)/2)``: block ``k`` rotates rotated features ``k*b..k*b+b-1``
+        (the input axis; the output axis of an embedding), so the blocks split as those features
+        do when the split falls on block boundaries, and are replicated otherwise (one shared
+        block always)."""
+        return {ARRAY: (OUT if self.layout.kind == "embed" else IN, None)}
 
     # ---- init -------------------------------------------------------------------------------
     def init_layer(self, key, w_layer, scale, dtype):

@@ -71,7 +71,7 @@ from ..config import (
     unsupported,
 )
 from ..errors import ConfigError, PeftJaxError, ShapeError, UnsupportedModuleError
-from .base import Spec, dropout, one_value, spec_fields
+from .base import OUT, RANK, Spec, dropout, one_value, spec_fields
 
 #: PEFT's file keys of the shared projections (``base_model.vera_A.<adapter>`` in its live
 #: state dict, saved without the adapter name).
@@ -322,6 +322,11 @@ class VeraSpec(Spec):
 
     def shared_holder(self) -> str | None:
         return self.holder
+
+    def sharding_roles(self):
+        """``lambda_b (out,)`` follows the output sharding, ``lambda_d (r,)`` the rank; the
+        shared projections (sized for the largest target) are replicated."""
+        return {"vera_lambda_b": (OUT,), "vera_lambda_d": (RANK,)}
 
     # ---- init ---------------------------------------------------------------------------
     def init_layer(self, key, w_layer, scale, dtype):
