@@ -299,7 +299,7 @@ def shardings(tree, base=None, *, mesh: Mesh | None = None, rules=None, rank_axi
     ...               pj.LoraConfig(r=2, target_modules=["q"]), key=0)
     >>> s = pj.shardings(p, {"q": {"kernel": P(None, "tensor")}}, mesh=mesh)
     >>> s["q"]["kernel"].arrays["default"]["lora_B"].spec
-    PartitionSpec(None, 'tensor')
+    P(None, 'tensor')
     """
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ArgumentTypeError(f"`mesh`: expected a jax.sharding.Mesh, got {type(mesh).__name__}.")
