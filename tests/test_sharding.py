@@ -590,3 +590,33 @@ def test_checkpoint_restores_onto_another_mesh_shape(tmp_path, mesh):
             a.arrays["default"]["lora_A"].addressable_shards[0].data.shape[0]
             == a.base.shape[0] // 4
         )
+
+
+def test_a_committed_single_device_base_keeps_its_adapters_beside_it():
+    dev = jax.devices()[3]
+    base = jax.device_put(make_llama(), dev)
+    out = pj.inject(base, pj.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), key=0)
+    n = node(out, f"{ATTN}.q_proj.kernel")
+    assert all(a.devices() == {dev} for a in n.arrays["default"].values())
+    merged = pj.merge_and_unload(out)  # and the merge runs there without a device mismatch
+    assert node(merged, f"{ATTN}.q_proj.kernel").devices() == {dev}
+
+
+def test_explicit_axes_mesh():
+    """jax's Explicit sharding mode (``jax.make_mesh``'s default): the adapters follow, and a
+    model that states its output sharding runs adapted under ``jax.set_mesh``."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    x = jax.device_put(jax.random.normal(KEY, (4, 16)), NamedSharding(mesh, P("data")))
+    w = jax.device_put(jax.random.normal(KEY, (16, 8)), NamedSharding(mesh, P("model", None)))
+    cfg = pj.LoraConfig(r=2, target_modules=["q"], init_lora_weights=False)
+    p = pj.inject({"q": {"kernel": w}}, cfg, key=0)
+    assert specs_of(p["q"]["kernel"]) == {"lora_A": ("model",), "lora_B": ()}
+
+    def f(p, x):
+        return jnp.einsum("bi,io->bo", x, p["q"]["kernel"], out_sharding=P("data", None))
+
+    with jax.set_mesh(mesh):
+        y = jax.jit(pj.apply(f))(p, x)
+        want = f(pj.merge_and_unload(p), x)
+    assert norm(y.sharding.spec) == ("data",)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
