@@ -2,17 +2,21 @@
 
 Each `Case` is ``(name, config, tree family, layouts, ...)``: a method (and variant) on a kind of
 weight. `tests/test_invariants.py` runs every generic invariant over all of them; the forward,
-file and checkpoint suites take the rows they need (`rows`). `tests/test_conformance.py` fails
-when a registered method (`peftjax.methods.METHODS`) has no case here, so adding a method means
-adding its rows.
+file, checkpoint and CLI suites take the rows they need (`rows`, `file_rows`, `kind_rows`,
+`spread`, at the bottom), all through one session cache of injected trees (`injected`).
+`tests/test_conformance.py` fails when a registered method (`peftjax.methods.METHODS`) has no
+case here, so adding a method means adding its rows (named ``<variant>-<kind>``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 import peftjax as pj
-from tests.conftest import DENSE_GENERAL_LAYOUTS, STACKED_LAYOUT
+from peftjax.methods import METHODS
+from tests.conftest import DENSE_GENERAL_LAYOUTS, STACKED_LAYOUT, TREES
 
 # ------------------------------------------------------------------------------ the table
 
@@ -236,3 +240,74 @@ def rows(*, method: str | None = None, tree: str | None = None) -> list[Case]:
         for c in CASES
         if (method is None or c.config.method == method) and (tree is None or c.tree == tree)
     ]
+
+
+def has_peft_file(case: Case) -> bool:
+    """Whether the case's method has a PEFT file format: PEFT key suffixes for its arrays
+    (`Method.key_suffixes`) or whole-module copies (LN tuning)."""
+    m = METHODS[case.config.method]
+    return bool(m.key_suffixes or m.whole_modules)
+
+
+def file_rows(*, method: str | None = None, tree: str | None = None) -> list[Case]:
+    """`rows` whose method has a PEFT file format: the file and CLI round trips."""
+    return [c for c in rows(method=method, tree=tree) if has_peft_file(c)]
+
+
+def kind_rows(kind: str) -> list[Case]:
+    """The rows of one weight kind, by the table's naming: ``<variant>-<kind>`` (``kind`` a key
+    of `KINDS`, or ``embed``): one row per method variant on that kind of weight."""
+    return [c for c in CASES if c.name.endswith(f"-{kind}")]
+
+
+def retarget(config, targets):
+    """``config`` on other modules: its ``target_modules`` and, when set, its
+    ``feedforward_modules`` (IA3) become ``targets``; everything else is kept."""
+    kw = {"target_modules": list(targets)}
+    if getattr(config, "feedforward_modules", None):
+        kw["feedforward_modules"] = list(targets)
+    return dataclasses.replace(config, **kw)
+
+
+def kind_of(case: Case) -> str:
+    """The weight kind of a row, from its name ``<variant>-<kind>``: ``dense``, ``conv``,
+    ``embed``, ``stacked-layers_0_2``, ... (the tree family for the ``<variant>-<tree>`` rows)."""
+    return case.name.split("-", 1)[1]
+
+
+def method_of(case: Case) -> str:
+    return case.config.method
+
+
+def tree_of(case: Case) -> str:
+    return case.tree
+
+
+def spread(cases: list[Case], keys=(method_of, tree_of, kind_of)) -> list[Case]:
+    """A few of ``cases`` in which every value of every key still appears (by default every
+    method, every tree family and every weight kind): the first row of each, in table order.
+    For a suite where a run per row costs too much and the rows left out differ from a kept
+    one only in what that suite does not look at."""
+    picked = {c.name for key in keys for c in {key(c): c for c in reversed(cases)}.values()}
+    return [c for c in cases if c.name in picked]
+
+
+# ------------------------------------------------------------------------------ the shared cache
+
+#: RBG keys: their random-bits programs compile several times faster than threefry's (one
+#: compilation per distinct adapter shape); the suites sharing `injected` do not depend on the
+#: initial values beyond "a fresh adapter" (most of them replace them with random ones).
+KEY = jax.random.key(0, impl="unsafe_rbg")
+
+_INJECTED: dict[str, tuple] = {}
+
+
+def injected(case: Case):
+    """``(p, inject(p))`` for a case, computed once per session (inject is pure), so that every
+    suite taking rows from the table shares the compilations. The trees are shared: never
+    mutate them (JAX arrays cannot be; numpy leaves must be copied first)."""
+    if case.name not in _INJECTED:
+        p = TREES[case.tree]()
+        q = pj.inject(p, case.config, key=KEY, layouts=case.layouts)
+        _INJECTED[case.name] = (p, q)
+    return _INJECTED[case.name]

@@ -26,8 +26,9 @@ Dimensions are tiny so that the whole suite runs in seconds on a CPU.
 
 Plain helpers (import them from ``tests.conftest``): `snapshot` / `assert_unchanged` (deep
 copy of a tree and bit-exact comparison, adapter metadata included), `assert_trees_equal`,
-`assert_trees_close`, `nodes`, `weight_nodes` (``{module path: Adapted}``) and `randomize`
-(every adapter array replaced by random values).
+`assert_trees_close`, `nodes`, `weight_nodes` (``{module path: Adapted}``), `leaf_names` (a
+tree path as ``[*module path, leaf]``) and `randomize` (every adapter array replaced by random
+values).
 """
 
 from __future__ import annotations
@@ -319,6 +320,17 @@ def _names(path) -> list[str]:
                 out.append(str(getattr(k, attr)))
                 break
     return out
+
+
+def leaf_names(path) -> list[str]:
+    """A tree path as names, without linen's ``params`` collection and an nnx Variable's
+    ``value``: ``[*module path, leaf name]``."""
+    names = _names(path)
+    if names and names[0] == "params":
+        names = names[1:]
+    if names and names[-1] == "value":
+        names = names[:-1]
+    return names
 
 
 def weight_nodes(tree) -> dict[str, pj.Adapted]:

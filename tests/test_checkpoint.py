@@ -1,4 +1,5 @@
-"""Adapter-only Orbax checkpoints: what is stored, keep-N, exact restore and resume, sharding."""
+"""Adapter-only Orbax checkpoints: what is stored, keep-N, exact restore and resume, sharding;
+the round trip of every method, on every tree family, from the case table (``tests/cases.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 
 import peftjax as pj
 from peftjax.checkpoint import AdapterCheckpointer, CheckpointNotFoundError
+from tests.cases import CASES, injected, method_of, spread
+from tests.conftest import randomize
 
 D_IN, D_HID, D_OUT, R = 256, 512, 64, 4
 CONFIG = pj.LoraConfig(r=R, lora_alpha=8, target_modules=["dense1", "dense2"])
@@ -221,40 +224,70 @@ def test_resume_matches_uninterrupted_run(tmp_path, trained):
     assert float(loss) == float(loss6)
 
 
-CASES = {
-    "lora-all-linear-llama": ("llama", pj.LoraConfig(r=2, target_modules="all-linear"), None),
-    "dora-mlp": ("mlp", pj.LoraConfig(r=2, use_dora=True, target_modules=["fc1", "fc2"]), None),
-    "ia3-mlp-bias": ("mlp", pj.IA3Config(target_modules=["fc1", "fc2"]), None),
-    "loha-conv": ("conv", pj.LoHaConfig(r=2, target_modules=["conv1", "conv2"]), None),
-    "lokr-dense-general": (
-        "dense_general",
-        pj.LoKrConfig(r=2, target_modules=["query", "out"]),
-        {"query": pj.Layout("dense", n_in=1), "out": pj.Layout("dense", n_in=2)},
-    ),
-    "ln-tuning-stacked": (
-        "stacked",
-        pj.LNTuningConfig(target_modules=["final_ln", "input_layernorm"]),
-        pj.Layout("dense", stack=1),
-    ),
+#: rows whose round trip fails today, with the reason (strict: a fix shows as XPASS)
+KNOWN_FAILURES = {
+    "vera-dense": "bug: `save` stores the trainable arrays only, `restore` asks the checkpoint "
+    "for every array of the target, so VeRA's frozen shared projections (`vera_A`, `vera_B`, "
+    "never trained) are reported missing",
+}
+#: rows not run: their failure leaves an Orbax thread that holds the process at exit for 300 s
+KNOWN_HANGS = {
+    "adalora_pruned-mlp": "bug: `AdapterCheckpointer.save` hands Orbax the zero-size arrays of a "
+    "module pruned to rank 0 (`fc2` lora_A (20, 0)); Orbax refuses them (`Cannot save arrays "
+    "with zero size`) and its signalling thread then blocks the interpreter's exit for 300 s",
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_round_trip_every_method(tmp_path, make_tree, case):
-    tree, config, layouts = CASES[case]
-    kw = {"layouts": layouts} if layouts is not None else {}
-    params = pj.inject(make_tree(tree), config, key=jax.random.key(0), **kw)
-    t, f = pj.partition(params)
-    noise = jax.tree.map(
-        lambda x: jnp.asarray(np.linspace(0.5, 1.5, x.size).reshape(x.shape), x.dtype), t
-    )
-    params = pj.combine(noise, f)
+def _known(case):
+    if case.name in KNOWN_HANGS:
+        return pytest.param(case, marks=pytest.mark.skip(reason=KNOWN_HANGS[case.name]))
+    why = KNOWN_FAILURES.get(case.name)
+    return pytest.param(case, marks=pytest.mark.xfail(reason=why, strict=True)) if why else case
+
+
+def _container(case) -> str:
+    """What a checkpoint sees of a row's tree besides the arrays' names: nnx Variables, compact
+    stacked arrays (``layers_to_transform``), a leaf with no arrays of its own (IA3's bias), or
+    plain dict leaves."""
+    if case.tree == "nnx":
+        return "nnx"
+    if case.stacked_layers is not None:
+        return "compact"
+    return "bias" if case.tree == "mlp" else "plain"
+
+
+#: every method, and every kind of container (`spread`): what a checkpoint stores differs by the
+#: arrays' names and the containers, not by weight kinds or tree families; and the rows of
+#: `KNOWN_FAILURES` / `KNOWN_HANGS`
+_KEPT = {c.name for c in spread(CASES, (method_of, _container))}
+ROWS = [c for c in CASES if c.name in _KEPT | {*KNOWN_FAILURES, *KNOWN_HANGS}]
+
+
+@pytest.mark.parametrize("case", [_known(c) for c in ROWS], ids=str)
+def test_round_trip_every_method(tmp_path, case):
+    """Table rows (`ROWS`): adapters with random values and a non-trivial optimizer state (one
+    Adam step: mu, nu and count are not their initial values) restore bit for bit into a fresh
+    adapter and a fresh state."""
+    _, fresh_q = injected(case)
+    frozen = pj.partition(fresh_q)[1]
+    t = pj.partition(randomize(fresh_q, seed=4))[0]
+    params = pj.combine(t, frozen)
+    grads = pj.partition(randomize(fresh_q, seed=5))[0]
+    opt_state = OPT.update(grads, OPT.init(t), t)[1]
+    target_opt = OPT.init(pj.partition(fresh_q)[0])
+    # the restore has something to do: the saved values differ from the target's
+    assert not _trees_equal(pj.partition(fresh_q)[0], t)
+    assert not _trees_equal(target_opt, opt_state)
     with AdapterCheckpointer(tmp_path) as ckpt:
-        ckpt.save(0, params, OPT.init(noise))
-        target = pj.inject(make_tree(tree), config, key=jax.random.key(9), **kw)
-        r, o, _ = ckpt.restore(target, OPT.init(pj.partition(target)[0]))
+        ckpt.save(0, params, opt_state)
+        r, o, _ = ckpt.restore(fresh_q, target_opt)
     assert_trees_equal(r, params)
-    assert_trees_equal(o, OPT.init(noise))
+    assert_trees_equal(o, opt_state)
+
+
+def _trees_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
 def test_round_trip_nnx_state(tmp_path, nnx_state):

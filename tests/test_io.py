@@ -1,7 +1,8 @@
 """HF PEFT adapter files: every PEFT-made fixture loads, merges to PEFT's weights and saves back
-bit for bit; peftjax-made adapters round-trip; bad files fail with clear errors and change
-nothing. (PEFT itself loading peftjax's files is checked by
-``tests/fixtures/peft_roundtrip_check.py``, which needs torch.)
+bit for bit; peftjax-made adapters round-trip (every row of the case table, ``tests/cases.py``,
+whose method has a PEFT file format); bad files fail with clear errors and change nothing.
+(PEFT itself loading peftjax's files is checked by ``tests/fixtures/peft_roundtrip_check.py``,
+which needs torch.)
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from safetensors.numpy import load_file, save_file
 
 import peftjax as pj
 from peftjax import io as pio
+from tests.cases import file_rows, injected
+from tests.conftest import randomize
 from tests.reference import lora_scaling, pattern_lookup
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "peft"
@@ -291,6 +294,9 @@ def small_tree(seed=0):
 
 
 DG = {"dg": pj.Layout("dense", n_in=1)}
+#: configs on `small_tree` for the file-layout checks (`test_fresh_file_layouts`); "lora" and
+#: "loha" also carry per-module ``rank_pattern`` / ``alpha_pattern`` values, which the case
+#: table's rows do not (`test_fresh_patterns_round_trip`)
 FRESH = {
     "lora": pj.LoraConfig(
         r=4,
@@ -318,25 +324,44 @@ FRESH = {
 }
 
 
-@pytest.mark.parametrize("which", list(FRESH))
-def test_fresh_adapter_round_trip(which, tmp_path):
-    base = small_tree()
-    tree = fresh(base, FRESH[which], layouts=DG)
-    pio.save_pretrained(tree, tmp_path)
+def assert_round_trip(tree, base, path, layouts=None):
+    """``tree`` (adapter "default" on ``base``) saved to ``path`` loads back onto ``base`` as the
+    same adapter: the same specs (up to float rounding of the scalings, rebuilt from r and
+    alpha), the same arrays bit for bit (as constrained, `pj.constrain`: what a file holds), the
+    same base; ``base`` is not modified."""
+    pio.save_pretrained(tree, path)
     snap = snapshot(base)
-    back = pio.load_pretrained(base, tmp_path, layouts=DG)
+    back = pio.load_pretrained(base, path, layouts=layouts)
     assert_unchanged(base, snap)
-    want, got = adapter_arrays(tree), adapter_arrays(back)
+    want, got = adapter_arrays(pj.constrain(tree)), adapter_arrays(back)
     assert sorted(got) == sorted(want)
     for k, (spec, arrays) in want.items():
         spec2, arrays2 = got[k]
-        assert dataclasses_equal_but_scaling(spec, spec2), k
+        assert dataclasses_equal_but_scaling(spec, spec2), (k, spec, spec2)
         np.testing.assert_allclose(spec2.scaling, spec.scaling, rtol=1e-12)
         assert sorted(arrays2) == sorted(arrays)
         for n in arrays:
             assert arrays2[n].dtype == arrays[n].dtype
             np.testing.assert_array_equal(np.asarray(arrays2[n]), np.asarray(arrays[n]), err_msg=n)
+    assert pj.adapter_names(back) == pj.adapter_names(tree)
     assert_trees_close(pj.unload(back), base, atol=0)
+
+
+@pytest.mark.parametrize("case", file_rows(), ids=str)
+def test_case_adapter_round_trip(case, tmp_path):
+    """Every case-table row whose method has a PEFT file format: a fresh adapter with random
+    arrays saves and loads back as the same adapter (stacked rows through the default
+    `stacked_key_map`, per-layer PEFT keys)."""
+    base, q = injected(case)
+    assert_round_trip(randomize(q, seed=2), base, tmp_path, layouts=case.layouts)
+
+
+@pytest.mark.parametrize("which", ["lora", "loha"])
+def test_fresh_patterns_round_trip(which, tmp_path):
+    """Per-module ranks and alphas (``rank_pattern`` / ``alpha_pattern``), rsLoRA, an
+    embedding, a DenseGeneral kernel and ``modules_to_save`` in one adapter."""
+    base = small_tree()
+    assert_round_trip(fresh(base, FRESH[which], layouts=DG), base, tmp_path, layouts=DG)
 
 
 def dataclasses_equal_but_scaling(a, b) -> bool:

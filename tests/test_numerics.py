@@ -359,14 +359,59 @@ def test_ia3_conv_dense_general_stacked_bias():
     np.testing.assert_allclose(mp["bias"], f64(src["bias"]) * l, rtol=RTOL)
 
 
+#: IA3 vectors where PEFT's ``+ 1e-8`` in unmerge shows: 0 (``0 / (0 + 1e-8)``), values of the
+#: order of the eps (``l / (l + 1e-8)`` is far from 1), and ordinary ones
+IA3_SMALL = np.array([0.0, 1e-8, 2e-8, 5e-9, 1e-7, 3e-9, 0.0, 1e-8, 1e-6, 1.0] * 2, np.float32)
+
+
+def _peft_ia3_unmerge(w32: np.ndarray, l32: np.ndarray) -> np.ndarray:
+    """PEFT's ``torch.div(weight, ia3_l + 1e-8)``, in float32 as PEFT runs it."""
+    return w32 / (l32 + np.float32(1e-8))
+
+
 def test_ia3_unmerge_divides_with_eps():
+    """PEFT's unmerge divides by ``l + 1e-8`` (weight and bias, output and feedforward IA3): with
+    ``l`` of the order of the eps, or 0, the eps decides the result (an eps of 0 gives NaN or
+    ``W`` instead of ``W / 2``, an eps of 1e-6 about ``W / 100``)."""
     p = make_mlp()
-    q, mods = adapted(p, pj.IA3Config(target_modules=["fc1"]))
-    l = arrays64(mods["fc1"])["ia3_l"]
+    cfg = pj.IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])
+    q = pj.inject(p, cfg, key=KEY)
+    l = jnp.asarray(IA3_SMALL)  # fc1: 20 outputs; fc2 (feedforward): 20 inputs
+
+    def set_l(x):
+        if isinstance(x, pj.Adapted) and x.arrays["default"]:
+            return x.replace(arrays={"default": {"ia3_l": l}})
+        return x
+
+    q = jax.tree_util.tree_map(set_l, q, is_leaf=lambda x: isinstance(x, pj.Adapted))
     m = pj.merge(q)
-    back = weight_nodes(pj.unmerge(m))["fc1"].base
-    merged = f64(weight_nodes(m)["fc1"].base)
-    np.testing.assert_allclose(back, merged / (l + 1e-8), rtol=1e-6)
+    back = pj.unmerge(m)
+    w1, b1 = (np.asarray(p["params"]["fc1"][k]) for k in ("kernel", "bias"))
+    w2 = np.asarray(p["params"]["fc2"]["kernel"])
+    l32 = IA3_SMALL
+    mp = lambda t, mod, k: np.asarray(get(t["params"], mod)[k].base)  # noqa: E731
+    np.testing.assert_array_equal(mp(m, "fc1", "kernel"), w1 * l32)
+    want = {
+        ("fc1", "kernel"): _peft_ia3_unmerge(w1 * l32, l32),
+        ("fc1", "bias"): _peft_ia3_unmerge(b1 * l32, l32),
+        ("fc2", "kernel"): _peft_ia3_unmerge(w2 * l32[:, None], l32[:, None]),
+    }
+    for (mod, k), w in want.items():
+        got = mp(back, mod, k)
+        assert np.isfinite(got).all(), (mod, k)
+        np.testing.assert_allclose(got, w, rtol=1e-6, atol=0, err_msg=f"{mod}.{k}")
+    # where l = 1e-8 the round trip gives half the weight, not the weight: the eps is there
+    half = IA3_SMALL == np.float32(1e-8)
+    np.testing.assert_allclose(mp(back, "fc1", "kernel")[:, half], w1[:, half] / 2, rtol=1e-6)
+    # and PEFT's 1 / (0 + 1e-8): a merged weight whose vector is 0 is divided by the eps alone
+    bigger = jax.tree_util.tree_map(
+        lambda x: x.replace(base=x.base + 1.0) if isinstance(x, pj.Adapted) else x,
+        m,
+        is_leaf=lambda x: isinstance(x, pj.Adapted),
+    )
+    got = mp(pj.unmerge(bigger), "fc1", "kernel")
+    np.testing.assert_allclose(got, _peft_ia3_unmerge(w1 * l32 + 1.0, l32), rtol=1e-6, atol=0)
+    assert np.abs(got[:, IA3_SMALL == 0]).min() > 1e7
 
 
 # ------------------------------------------------------------------------------ inits
