@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import peftjax as pj
-from tests.cases import CASES, Case, methods
+from tests.cases import CASES, KEY, injected, methods
 from tests.conftest import (
     HIDDEN,
     INTER,
@@ -39,21 +39,10 @@ from tests.conftest import (
     snapshot,
 )
 
-# RBG keys: their random-bits programs compile several times faster than threefry's; this
-# file compiles one per distinct adapter shape (init values do not matter to these invariants).
-KEY = jax.random.key(0, impl="unsafe_rbg")
-
-
-_INJECTED: dict[str, tuple] = {}
-
-
-def injected(case: Case):
-    """``(p, inject(p))`` for a case, computed once per session (inject is pure)."""
-    if case.name not in _INJECTED:
-        p = TREES[case.tree]()
-        q = pj.inject(p, case.config, key=KEY, layouts=case.layouts)
-        _INJECTED[case.name] = (p, q)
-    return _INJECTED[case.name]
+# `KEY` (an RBG key: its random-bits programs compile several times faster than threefry's;
+# init values do not matter to these invariants) and `injected` (``(p, inject(p))`` of a case,
+# once per session) are the case table's, shared with the forward, file, checkpoint and CLI
+# suites: one injection (and its compilations) per row in a whole run.
 
 
 cases = pytest.mark.parametrize("case", CASES, ids=str)
