@@ -15,7 +15,7 @@ from ._peft_keys import torch_name
 from ._tree import Leaf, dotted, weight_leaf
 from .config import AdapterConfig
 from .errors import ConfigError, TargetError, UnsupportedModuleError
-from .layout import Layout, LayoutSpec, resolve_layout
+from .layout import Layout, LayoutSpec, copy_stack, resolve_layout
 from .methods import method_of
 
 __all__ = [
@@ -34,8 +34,8 @@ class Planned:
     """One module to adapt: its path, the leaves it changes and how its weight is read.
 
     ``weight``: the adapted weight leaf (``None`` for a method that copies whole modules, whose
-    leaves are ``leaves``); ``layout`` is ``None`` then. ``mask``: per-layer on/off of a stacked
-    weight with ``layers_to_transform`` (``None``: every layer)."""
+    leaves are ``leaves``; ``layout`` then only gives their stacked layer axes). ``mask``:
+    per-layer on/off of a stacked weight with ``layers_to_transform`` (``None``: every layer)."""
 
     module: str
     leaves: list[Leaf]
@@ -224,9 +224,11 @@ def _plan_modules(
     plan = []
     for mod in _select(config, groups, layouts, save_paths):
         if method.whole_modules:
-            # A copy is taken whole (no per-layer filter), so `layouts` (which describe matrix
-            # views, and need not fit a 1-D or stacked norm) do not apply.
-            plan.append(Planned(mod, groups[mod]))
+            # A copy is taken whole (no per-layer filter); of `layouts` (which describe matrix
+            # views, and need not fit a 1-D norm) only the stack axes apply: a scanned model's
+            # norms are stacked like its kernels, one PEFT module per layer in the files.
+            stack = max(copy_stack(layouts, mod, l.base) for l in groups[mod])
+            plan.append(Planned(mod, groups[mod], layout=Layout("dense", stack=stack)))
             continue
         w = weight_leaf(groups[mod])
         lay = resolve_layout(layouts, mod, w.name, w.base)

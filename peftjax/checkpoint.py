@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -267,14 +268,21 @@ class AdapterCheckpointer:
                 "`params`: no trainable adapter array to save (no adapter is injected, or none "
                 "is active and unmerged); see `pj.set_active`."
             )
+        # zero-size arrays (an AdaLoRA module pruned to rank 0, its optimizer moments) are
+        # described in the metadata only: Orbax refuses to store them, and they hold no value
         adapters = _nest(
-            [((e["module"], e["leaf"], e["adapter"], e["param"]), e["value"]) for e in entries],
+            [
+                ((e["module"], e["leaf"], e["adapter"], e["param"]), e["value"])
+                for e in entries
+                if np.size(e["value"])
+            ],
             "adapters",
         )
         opt_items = [
             (_names(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
         ]
-        opt_tree = _nest(opt_items, "`opt_state`") if opt_items else None
+        stored_opt = [(n, x) for n, x in opt_items if np.size(x)]
+        opt_tree = _nest(stored_opt, "`opt_state`") if stored_opt else None
 
         from . import __version__
         from .transforms import active, adapter_names
@@ -312,7 +320,9 @@ class AdapterCheckpointer:
         except TypeError as err:
             raise TypeError(f"`extra` must be JSON-serialisable: {err}") from None
 
-        items = {_ADAPTERS: ocp.args.StandardSave(adapters), _META: ocp.args.JsonSave(meta)}
+        items = {_META: ocp.args.JsonSave(meta)}
+        if adapters:
+            items[_ADAPTERS] = ocp.args.StandardSave(adapters)
         if opt_tree is not None:
             items[_OPT] = ocp.args.StandardSave(opt_tree)
         if not self._created:
@@ -414,11 +424,17 @@ class AdapterCheckpointer:
         default = _replicated(chosen.values(), devices)
         suffix: dict[tuple[str, ...], tuple[tuple[int, ...], Any]] = {}
         adapter_items = []
+        empty: dict[tuple[str, ...], Any] = {}  # zero-size arrays: not stored, rebuilt
         for key, e in targets.items():
             sh = chosen[key] or default
-            adapter_items.append((key, _abstract(e["value"], sh)))
             suffix[e["names"]] = (tuple(e["value"].shape), sh)
-        items = {_ADAPTERS: ocp.args.StandardRestore(_nest(adapter_items, "adapters"))}
+            if np.size(e["value"]):
+                adapter_items.append((key, _abstract(e["value"], sh)))
+            else:
+                empty[key] = jax.device_put(jnp.zeros(e["value"].shape, _dtype(e["value"])), sh)
+        items = {}
+        if adapter_items:
+            items[_ADAPTERS] = ocp.args.StandardRestore(_nest(adapter_items, "adapters"))
 
         opt_flat = opt_def = None
         if opt_state_like is not None:
@@ -433,6 +449,8 @@ class AdapterCheckpointer:
             for kp, x in opt_flat:
                 names = _names(kp)
                 abs_x = jax.ShapeDtypeStruct(tuple(np.shape(x)), np.dtype(_dtype(x)))
+                if not np.size(x):
+                    continue  # zero-size: not stored, rebuilt below
                 # explicit `sharding`; else the leaf's own (if on the adapters' devices); else
                 # the adapter array it mirrors (optax mu/nu); else replicated on those devices
                 sh = by_name.opt("opt_state/" + "/".join(names), abs_x, names, suffix)
@@ -450,9 +468,8 @@ class AdapterCheckpointer:
         values = [l.value for l in leaves]
         updates: dict[int, dict[str, dict]] = {}
         for key, e in targets.items():
-            updates.setdefault(e["index"], {}).setdefault(e["adapter"], {})[e["param"]] = _get(
-                out[_ADAPTERS], key
-            )
+            value = empty[key] if key in empty else _get(out[_ADAPTERS], key)
+            updates.setdefault(e["index"], {}).setdefault(e["adapter"], {})[e["param"]] = value
         for index, by_adapter in updates.items():
             node: Adapted = values[index]
             arrays = dict(node.arrays)
@@ -469,7 +486,13 @@ class AdapterCheckpointer:
         if opt_state_like is not None:
             restored = out[_OPT] if _OPT in items else None
             opt_state = jax.tree_util.tree_unflatten(
-                opt_def, [_get(restored, _names(kp)) for kp, _ in opt_flat]
+                opt_def,
+                [
+                    _get(restored, _names(kp))
+                    if np.size(x)
+                    else jnp.zeros(np.shape(x), np.dtype(_dtype(x)))
+                    for kp, x in opt_flat
+                ],
             )
         return new_params, opt_state, step
 
@@ -523,7 +546,11 @@ class AdapterCheckpointer:
             out[key] = e
         names = {k[2] for k in saved}
         for key, e in have.items():
-            if key[2] in names and key not in saved and key[2] not in e["node"].merged:
+            node = e["node"]
+            spec = node.spec(key[2]) if key[2] in node.names else None
+            if spec is not None and key[3].split(".")[0] in spec.frozen_arrays:
+                continue  # never trained, never saved (VeRA's projections): the target's stay
+            if key[2] in names and key not in saved and key[2] not in node.merged:
                 raise FormatError(
                     f"{_where(key[0], key[1])}: `params` has adapter {key[2]!r} array "
                     f"{key[3]!r} that the checkpoint lacks (different `target_modules`?)."

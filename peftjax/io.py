@@ -99,7 +99,7 @@ from .errors import (
     ShapeError,
     UnsupportedModuleError,
 )
-from .layout import LayoutSpec, resolve_layout
+from .layout import LayoutSpec, copy_stack, resolve_layout
 from .methods import (
     COPY,
     DELTA,
@@ -300,20 +300,20 @@ def _collect(
         if spec.role == DERIVED:
             continue
         if spec.role == COPY:
-            if spec.layout.stack:
-                raise FormatError(
-                    f"`{where}`: saving a stacked {spec.describe()} copy is not supported; PEFT "
-                    "has one module per layer."
-                )
-            pm = map_key(key_map, leaf.module, None)
             tname = torch_name(leaf.name)
             mid = f"{spec.file_infix}." if spec.file_infix else ""
             a = np.asarray(arrays["weight"])
-            put(f"{PREFIX}{pm}.{mid}{tname}", L.leaf_rule(leaf.name, a.shape).to_torch(a), where)
-            if spec.method in METHODS:  # a method's own copy (LN tuning): one of its modules
-                entries.append(_Entry(pm, leaf.module, None, spec))
-            else:
-                copies.append(pm)
+            st = spec.layout.stack
+            # a stacked copy (a scanned model's norm) is one PEFT module per layer
+            per_layer = a.reshape((-1, *a.shape[st:])) if st else [a]
+            for i, ai in enumerate(per_layer):
+                pm = map_key(key_map, leaf.module, i if st else None)
+                rule = L.leaf_rule(leaf.name, ai.shape)
+                put(f"{PREFIX}{pm}.{mid}{tname}", rule.to_torch(ai), where)
+                if spec.method in METHODS:  # a method's own copy (LN tuning): its modules
+                    entries.append(_Entry(pm, leaf.module, i if st else None, spec))
+                else:
+                    copies.append(pm)
             continue
         rules = spec.file_rules()
         if not rules:
@@ -649,6 +649,11 @@ def reverse_map(params, key_map: KeyMap, layouts: LayoutSpec) -> dict[str, tuple
                 n = math.prod(lay.stack_shape(tuple(w.base.shape))) if lay.stack else 0
             except UnsupportedModuleError:
                 n = 0
+        if not n:  # a stacked norm (LN tuning copies it, one PEFT module per layer)
+            st = max(copy_stack(layouts, mod, l.base) for l in group)
+            if st:
+                n = math.prod(tuple(group[0].base.shape)[:st])
+                out.setdefault(map_key(key_map, mod, None), (mod, None))
         for i in range(n) if n else [None]:
             try:
                 out.setdefault(map_key(key_map, mod, i), (mod, i))
@@ -831,13 +836,16 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
         if kind == "adapter":
             adapter.setdefault(mod, {}).setdefault(layer, {})[suffix] = k
             peft_of[(mod, layer)] = targets[pm][1] if pm in targets else pm
-        elif layer is not None:
+        elif layer is not None and kind != "whole":
             unmatched.append(k)
         else:
-            leaf_keys[(kind, mod, suffix)] = k
+            if layer is None:
+                leaf_keys[(kind, mod, suffix)] = k
+            else:  # one layer of a stacked copy: {layer: key}
+                leaf_keys.setdefault((kind, mod, suffix), {})[layer] = k
             if kind == "whole":
                 adapter.setdefault(mod, {})
-                peft_of[(mod, None)] = pm
+                peft_of[(mod, None)] = map_key(key_map, mod, None)
     if unmatched and strict:
         raise FormatError(
             f"`{d / WEIGHTS_NAME}`: {len(unmatched)} key(s) match no module of `params` "
@@ -1060,6 +1068,20 @@ def _copy_from_file(plan, leaf, node, kind, spec, tensors, used, missing, init) 
         mid = f"{spec.file_infix}." if spec.file_infix else ""
         missing.append(f"{leaf.module}.{mid}{tn}")
         return init()
+    if isinstance(k, dict):  # a stacked copy: one key per layer
+        st = spec.layout.stack
+        n, layer_shape = math.prod(tuple(base.shape)[:st]), tuple(base.shape)[st:]
+        have = init()["weight"] if len(k) < n else None
+        parts = []
+        for i in range(n):
+            if i not in k:
+                missing.append(f"{leaf.module}[layer {i}].{tn}")
+                parts.append(np.asarray(have).reshape((n, *layer_shape))[i])
+                continue
+            rule = L.leaf_rule(leaf.name, layer_shape)
+            parts.append(_from_file(k[i], tensors[k[i]], rule, layer_shape))
+            used.add(k[i])
+        return {"weight": jnp.asarray(np.stack(parts).reshape(base.shape), base.dtype)}
     rule = L.leaf_rule(leaf.name, tuple(base.shape))
     val = _from_file(k, tensors[k], rule, tuple(base.shape))
     used.add(k)

@@ -138,21 +138,34 @@ def infer_layout(path: str, leaf_name: str, shape: tuple[int, ...]) -> Layout | 
 LayoutSpec = Mapping[str, Layout] | Callable[[str, Any], "Layout | None"] | Layout | None
 
 
-def resolve_layout(layouts: LayoutSpec, path: str, leaf_name: str, leaf) -> Layout:
-    """Pick the layout of one weight: from `layouts` (regex -> Layout, callable, or one Layout)."""
+def given_layout(layouts: LayoutSpec, path: str, leaf) -> Layout | None:
+    """The layout ``layouts`` names for module ``path`` (one Layout, the first matching regex /
+    path / suffix key, or the callable's answer), unchecked; ``None`` when it names none."""
     import re
 
-    shape = tuple(leaf.shape)
-    lay: Layout | None = None
     if isinstance(layouts, Layout):
-        lay = layouts
-    elif callable(layouts):
-        lay = layouts(path, leaf)
-    elif layouts:
-        for pat, cand in layouts.items():
-            if re.fullmatch(pat, path) or path == pat or path.endswith("." + pat):
-                lay = cand
-                break
+        return layouts
+    if callable(layouts):
+        return layouts(path, leaf)
+    for pat, cand in (layouts or {}).items():
+        if re.fullmatch(pat, path) or path == pat or path.endswith("." + pat):
+            return cand
+    return None
+
+
+def copy_stack(layouts: LayoutSpec, path: str, leaf) -> int:
+    """Stacked layer axes of a whole-leaf copy (LN tuning) at module ``path``: those of the
+    layout ``layouts`` names there (a scanned model's norms are stacked like its kernels), when
+    the leaf has more axes than that; else ``0``."""
+    lay = given_layout(layouts, path, leaf)
+    st = lay.stack if isinstance(lay, Layout) else 0
+    return st if len(getattr(leaf, "shape", ())) > st else 0
+
+
+def resolve_layout(layouts: LayoutSpec, path: str, leaf_name: str, leaf) -> Layout:
+    """Pick the layout of one weight: from `layouts` (regex -> Layout, callable, or one Layout)."""
+    shape = tuple(leaf.shape)
+    lay = given_layout(layouts, path, leaf)
     if lay is None:
         lay = infer_layout(path, leaf_name, shape)
     if lay is None:

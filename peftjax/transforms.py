@@ -309,7 +309,9 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         mkey = jax.random.fold_in(key, i)
         if item.weight is None:  # a method that copies whole modules: every leaf
             for l in item.leaves:
-                spec = config.module_spec(item.module, None, tuple(l.base.shape), None)
+                st = item.layout.stack if item.layout is not None else 0
+                lay = Layout("dense", stack=st if l.base.ndim > st else 0)
+                spec = config.module_spec(item.module, lay, tuple(l.base.shape), None)
                 add(l, spec, spec.init(mkey, l.base))
             continue
         w, spec = item.weight, spec_of[id(item)]

@@ -121,13 +121,10 @@ def torch_state_dict(tree, layouts=None) -> dict[str, np.ndarray]:
     return out
 
 
-#: rows whose merge fails today, with the reason (strict: a fix shows as XPASS)
-KNOWN_FAILURES = {
-    "ln_tuning-stacked": "bug: `save_pretrained` writes LN-tuning copies of stacked layers as one "
-    "stacked key (`layers.final_ln.ln_tuning_layers.weight` (3, 16), target `layers.final_ln`) "
-    "instead of PEFT's per-layer modules, so `merge` finds no such module in a per-layer "
-    "checkpoint (and PEFT could not load the file)",
-}
+#: rows whose merge failed once, kept on purpose: LN-tuning copies of stacked layers (one PEFT
+#: module per layer in the file, not one stacked key)
+KNOWN_FAILURES: dict[str, str] = {}
+REGRESSIONS = ("ln_tuning-stacked",)
 
 
 def _cli_rows():
@@ -135,7 +132,7 @@ def _cli_rows():
     differs between Linear, DenseGeneral, conv, embedding, stacked per-layer keys, copies and an
     IA3 bias), and the rows of `KNOWN_FAILURES`."""
     rows = file_rows()
-    picked = {c.name for c in spread(rows)} | set(KNOWN_FAILURES)
+    picked = {c.name for c in spread(rows)} | set(KNOWN_FAILURES) | set(REGRESSIONS)
     return [
         pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[c.name], strict=True))
         if c.name in KNOWN_FAILURES

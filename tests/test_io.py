@@ -736,3 +736,35 @@ def test_nnx_state(tmp_path):
     got = pio.read_safetensors(tmp_path / pio.WEIGHTS_NAME)[0]
     want = pio.read_safetensors(FIX / "lora_linear" / pio.WEIGHTS_NAME)[0]
     assert sorted(got) == sorted(want)
+
+
+def test_stacked_ln_tuning_copies_are_one_peft_module_per_layer(tmp_path):
+    """A scanned model's norms (stacked ``(L, features)``) copied by LN tuning save as PEFT's
+    per-layer modules (``layers.<i>.final_ln.ln_tuning_layers.weight``) and load back stacked."""
+    from tests.conftest import STACKED_LAYOUT, make_stacked
+
+    base = make_stacked()
+    cfg = pj.LNTuningConfig(target_modules=["final_ln"])
+    params = randomize(pj.inject(base, cfg, key=0, layouts=STACKED_LAYOUT), seed=3)
+    pio.save_pretrained(params, tmp_path)
+    keys = sorted(load_file(tmp_path / pio.WEIGHTS_NAME))
+    want = [
+        f"base_model.model.layers.{i}.final_ln.ln_tuning_layers.{p}"
+        for i in range(3)
+        for p in ("bias", "weight")
+    ]
+    assert keys == want
+    back = pio.load_pretrained(base, tmp_path, layouts=STACKED_LAYOUT)
+    got = back["params"]["layers"]["final_ln"]["scale"].arrays["default"]["weight"]
+    np.testing.assert_array_equal(
+        got, params["params"]["layers"]["final_ln"]["scale"].arrays["default"]["weight"]
+    )
+    # one layer missing from the file: strict loading names it
+    d2 = tmp_path / "lacking"
+    d2.mkdir()
+    t = load_file(tmp_path / pio.WEIGHTS_NAME)
+    del t["base_model.model.layers.1.final_ln.ln_tuning_layers.weight"]
+    save_file(t, d2 / pio.WEIGHTS_NAME)
+    shutil.copy(tmp_path / pio.CONFIG_NAME, d2 / pio.CONFIG_NAME)
+    with pytest.raises(pj.FormatError, match=r"layers\.final_ln\[layer 1\]\.weight"):
+        pio.load_pretrained(base, d2, layouts=STACKED_LAYOUT)

@@ -32,7 +32,14 @@ class LNTuningConfig(AdapterConfig):
     method: ClassVar[str] = "ln_tuning"
 
     def module_spec(self, path, layout, shape, mask):
-        return CopySpec(layout=Layout("dense", stack=0), shape=tuple(shape), scaling=(1.0,))
+        # a copy of a scanned model's norm keeps its stack axes (``layout``: only those count)
+        stack = layout.stack if layout is not None else 0
+        nl = 1
+        for d in tuple(shape)[:stack]:
+            nl *= d
+        return CopySpec(
+            layout=Layout("dense", stack=stack), shape=tuple(shape), scaling=(1.0,) * nl
+        )
 
     @classmethod
     def from_specs(cls, entries, common):
