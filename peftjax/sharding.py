@@ -409,13 +409,51 @@ def place_node(node: Adapted, where: str = "", base_sharding: Sharding | None = 
     return node.replace(arrays=arrays)
 
 
+def _explicit_sharding(x) -> NamedSharding | None:
+    """The sharding a traced ``x`` carries in its type: under ``jax.jit`` only a mesh with
+    Explicit axes puts it there (an Auto-axes tracer's spec is empty: pass ``out_shardings``)."""
+    if not isinstance(x, jax.core.Tracer):
+        return None
+    try:
+        s = jax.typeof(x).sharding
+    except (AttributeError, TypeError):  # pragma: no cover - older JAX
+        return None
+    if not isinstance(s, NamedSharding) or not any(_names_of(e) for e in s.spec):
+        return None
+    return s
+
+
+def _place_traced(node: Adapted, where: str) -> Adapted:
+    s = _explicit_sharding(node.base)
+    if s is None:
+        return node
+    entries = _entries(s.spec, tuple(node.base.shape), s.mesh, where)
+    targets = _adapter_shardings(node, entries, s.mesh, None, where)
+    arrays = {
+        n: {
+            k: (jax.sharding.reshard(v, targets[n][k]) if v is not None else v)
+            for k, v in a.items()
+        }
+        if isinstance(a, dict)
+        else a
+        for n, a in node.arrays.items()
+    }
+    return node.replace(arrays=arrays)
+
+
 def place(params):
     """``params`` with every adapter array of a concrete, sharded (or committed) base weight
-    moved where `shardings`' rule puts it; everything else as it was. A new tree."""
+    moved where `shardings`' rule puts it (under ``jax.jit``: of a base whose traced type
+    carries its sharding, i.e. on a mesh with Explicit axes); everything else as it was."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_adapted)
-    if not any(is_adapted(v) and _concrete(v.base) for _, v in flat):
+    if not any(is_adapted(v) for _, v in flat):
         return params
-    vals = [place_node(v, dotted(keypath_to_names(kp))) if is_adapted(v) else v for kp, v in flat]
+    vals = []
+    for kp, v in flat:
+        if is_adapted(v):
+            where = dotted(keypath_to_names(kp))
+            v = place_node(v, where) if _concrete(v.base) else _place_traced(v, where)
+        vals.append(v)
     return jax.tree_util.tree_unflatten(treedef, vals)
 
 

@@ -180,6 +180,7 @@ def test_flattened_view_axes_and_conv_and_copies(mesh):
     assert specs_of(out["params"]["lm_head"]["kernel"]) == {"weight": ("fsdp", "tensor")}
 
 
+@pytest.mark.slow
 def test_stacked_kernels_keep_their_layer_axis_sharding(mesh):
     w = jax.device_put(
         jax.random.normal(KEY, (4, 16, 8)), NamedSharding(mesh, P("data", "fsdp", "tensor"))
@@ -284,6 +285,7 @@ class Tiny(nn.Module):
 RULES_LOGICAL = (("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"))
 
 
+@pytest.mark.slow
 def test_sharded_init_never_whole_on_one_device(mesh):
     """``jax.eval_shape`` of a linen model with logical axes, `pj.shardings` of the injected
     abstract tree, then one jitted init + inject that materialises every array sharded."""
@@ -551,6 +553,7 @@ def test_scanned_layer_model_on_the_mesh(mesh):
 # ------------------------------------------------------------------ files and checkpoints
 
 
+@pytest.mark.slow
 def test_load_pretrained_on_a_sharded_base(flax_llama, mesh):
     from safetensors.numpy import load_file
 
@@ -569,6 +572,7 @@ def test_load_pretrained_on_a_sharded_base(flax_llama, mesh):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh_shape(tmp_path, mesh):
     cfg = pj.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
     params = pj.inject(on_mesh(make_llama(), mesh), cfg, key=KEY)
@@ -611,6 +615,9 @@ def test_explicit_axes_mesh():
     cfg = pj.LoraConfig(r=2, target_modules=["q"], init_lora_weights=False)
     p = pj.inject({"q": {"kernel": w}}, cfg, key=0)
     assert specs_of(p["q"]["kernel"]) == {"lora_A": ("model",), "lora_B": ()}
+    # under jax.jit too: an Explicit-axes tracer carries its sharding, and inject follows it
+    jitted = jax.jit(lambda b: pj.inject(b, cfg, key=0))({"q": {"kernel": w}})
+    assert specs_of(jitted["q"]["kernel"]) == {"lora_A": ("model",), "lora_B": ()}
 
     def f(p, x):
         return jnp.einsum("bi,io->bo", x, p["q"]["kernel"], out_sharding=P("data", None))
