@@ -114,11 +114,24 @@ def _effective(binding: _Binding, w, dtype):
 
 
 class _Interp:
-    def __init__(self, rng, uses: dict | None = None):
+    def __init__(self, rng, uses: dict | None = None, in_loop: bool = False):
         self.rng = rng
         self.site = 0
+        # inside a scan body: dots stay factored (`_dot`), never fused
+        self.in_loop = in_loop
         # node_id -> {"in", "out"}: which axes of a dense weight the function contracts
         self.uses: dict = {} if uses is None else uses
+        # (id(x), axes order, in features) -> (x, x flattened to 2-D): the adapters of modules
+        # that read one input (q/k/v, gate/up) share one flattened copy, so a scan saves one
+        # residual for their factor gradients, not one per module (x is kept: ids stay unique)
+        self.flat: dict = {}
+
+    def flatten(self, x, order: tuple[int, ...], n_in: int):
+        key = (id(x), order, n_in)
+        hit = self.flat.get(key)
+        if hit is None or hit[0] is not x:
+            hit = self.flat[key] = (x, jnp.transpose(x, order).reshape(-1, n_in))
+        return hit[1]
 
     def next_rng(self):
         if self.rng is None:
@@ -274,7 +287,7 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
         x, wv = (lhs, rhs) if rt else (rhs, lhs)
         out = eqn.primitive.bind(lhs, rhs, **eqn.params)
         free_shape = [x.shape[d] for d in x_free]
-        x2 = jnp.transpose(x, x_free + x_c).reshape(-1, n_in_flat)
+        x2 = interp.flatten(x, tuple(x_free + x_c), n_in_flat)
         if rt:  # out = (*x_free, *w_out)
             y2 = out.reshape(-1, n_out_flat)
         else:  # out = (*w_out, *x_free)
@@ -298,7 +311,12 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     arrs = [(arrays, jnp.asarray(scale, jnp.float32)) for _, arrays, scale in b.items]
     lhs, rhs = read(lhs_v), read(rhs_v)
     tokens = int(np.prod([(rhs if lt else lhs).shape[d] for d in x_free]))
-    if not _fuse_when_not_differentiated(specs, rngs, lay, tokens, n_in_flat, n_out_flat):
+    # In a scan body the fused form is not used: its custom JVP gives every module its own
+    # residuals, which the scan then stacks (q, k and v would each keep a copy of their one
+    # input for the backward); factored, the modules reading one input share one copy.
+    if interp.in_loop or not _fuse_when_not_differentiated(
+        specs, rngs, lay, tokens, n_in_flat, n_out_flat
+    ):
         return [(factored(lhs, rhs, arrs), None)]
 
     def merged(lhs, rhs, arrs):
@@ -456,7 +474,8 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
         inner_tags = list(const_tags) + [None] * ncarry
         for t, e in zip(xs_tags, extra_i):
             inner_tags.append(None if t is None else _Tag(t.binding.with_slices(e), t.dtype))
-        sub = _Interp(jax.random.fold_in(outer_rng, step) if with_rng else None, interp.uses)
+        rng = jax.random.fold_in(outer_rng, step) if with_rng else None
+        sub = _Interp(rng, interp.uses, in_loop=True)
         outs = sub.run(closed.jaxpr, closed.consts, consts + list(carry) + list(xs_i), inner_tags)
         return outs[:ncarry], outs[ncarry:]
 

@@ -384,3 +384,43 @@ def test_inference_builds_the_delta_once_when_that_is_cheaper():
     un, me, delta, factored = _inference_flops(tokens=4)
     assert factored < delta
     assert un - me <= 1.1 * factored < delta
+
+
+def _scan_outputs(jaxpr) -> list:
+    """Output avals of the first scan in ``jaxpr`` (searching nested jaxprs)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            return [v.aval for v in eqn.outvars]
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                got = _scan_outputs(inner)
+                if got:
+                    return got
+    return []
+
+
+@pytest.mark.parametrize("tokens", [4, 64], ids=["factored", "fused"])
+def test_modules_reading_one_input_share_its_flattened_copy_in_a_scan(tokens):
+    """Under ``lax.scan`` the forward stacks what the backward needs: LoRA's factor gradients
+    need each adapted module's input, flattened to 2-D. q, k and v read one input, so one
+    flattened copy per layer is stacked, not three (on both forward paths: the factored one,
+    and the fused ``x @ (W + dW)`` whose JVP is factored)."""
+    L, d = 3, 8
+    k = jax.random.split(jax.random.key(0), 3)
+    params = {n: jax.random.normal(kk, (L, d, d)) for n, kk in zip(("q", "k", "v"), k)}
+    cfg = pj.LoraConfig(r=2, target_modules=["q", "k", "v"])
+    q = pj.inject(params, cfg, key=0, layouts=pj.Layout("dense", stack=1))
+    x = jnp.ones((2, tokens // 2, d))  # (batch, seq, features): flattened to (tokens, d)
+
+    def f(p, x):
+        def body(h, w):
+            return jnp.tanh(h @ w["q"] + h @ w["k"] + h @ w["v"]), None
+
+        return jax.lax.scan(body, x, p)[0].sum()
+
+    t, fr = pj.partition(q)
+    grad = jax.grad(lambda t: pj.apply(f)(pj.combine(t, fr), x))
+    outs = _scan_outputs(jax.make_jaxpr(grad)(t).jaxpr)
+    flat_inputs = [a for a in outs if tuple(a.shape) == (L, tokens, d)]
+    assert len(flat_inputs) == 1, [a.shape for a in outs]  # one copy for q, k and v together
