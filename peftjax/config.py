@@ -256,6 +256,9 @@ class AdapterConfig:
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""
+    #: how many trainable adapters of this method one tree may hold (``None``: any); `inject`
+    #: refuses one more (PEFT's AdaLoRA trains one adapter at a time)
+    max_trainable: ClassVar[int | None] = None
     #: PEFT fields accepted by `from_dict` and dropped (they do not change the math), with the
     #: value `to_dict` writes for them.
     PEFT_IGNORED_FIELDS: ClassVar[Mapping[str, Any]] = FrozenDict(

@@ -218,7 +218,8 @@ def summary(params, print_fn=print) -> str:
     """Print PEFT's trainable-parameter line and a per-module table of adapters.
 
     Columns: module path, leaf, base shape and dtype, adapter (method and rank), its
-    parameter count, and its state (active / merged / off).
+    parameter count, and its state (active / merged / off; ``disabled`` while
+    `pj.disable_adapters` has the module act as its base weight; ``frozen`` when not trainable).
     """
     from ._tree import walk
 
@@ -231,6 +232,8 @@ def summary(params, print_fn=print) -> str:
         for n, spec in node.specs:
             count = spec.parameter_count(node.arrays[n])
             state = "merged" if n in node.merged else ("active" if n in node.active else "off")
+            if node.disabled and state == "active":  # `pj.disable_adapters`: acts as the base
+                state = "active, disabled"
             state += ", frozen" if n in node.frozen else ""
             rows.append((l.module, l.name, base, f"{n}: {spec.describe()}", f"{count:,d}", state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -269,6 +269,7 @@ def inject(
         return abstract_like(out, params)  # the rule's shardings, where the inputs had some
     leaves, treedef = walk(params)
     _validate_name(name, leaves)
+    _check_trainable_count(config, leaves, bool(trainable))
     groups = group_modules(leaves)
     _check_layout_keys(layouts, groups)
     mts = getattr(config, "modules_to_save", None)
@@ -279,6 +280,26 @@ def inject(
     act = (prior + (name,)) if do_activate and name not in prior else prior
     new = _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, not trainable)
     return place(rebuild(treedef, [_with_active(l, act) for l in new]))
+
+
+def _check_trainable_count(config: AdapterConfig, leaves, trainable: bool) -> None:
+    """`AdapterConfig.max_trainable`: refuse one trainable adapter too many of the method."""
+    limit = config.max_trainable
+    if limit is None or not trainable:
+        return
+    have = {
+        n
+        for node in adapted_nodes(leaves)
+        for n, spec in node.specs
+        if spec.method == config.method and n not in node.frozen
+    }
+    if len(have) >= limit:
+        raise ConfigError(
+            f"{type(config).__name__}: the tree already has {len(have)} trainable "
+            f"{config.method} adapter(s) {sorted(have)}, and {config.method} trains at most "
+            f"{limit} at a time (PEFT's rule); inject this one with `inference_mode=True` (or "
+            "`trainable=False`), or `pj.set_trainable(params, name, False)` the other first."
+        )
 
 
 def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, frozen) -> list[Leaf]:

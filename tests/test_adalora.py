@@ -490,7 +490,9 @@ def test_bad_inputs():
     with pytest.raises(pj.ShapeError, match="stacked"):
         pj.adalora_prune(sq, {**st, "has_pattern": jnp.asarray(True)})
     q = pj.inject(base, A(["fc1"]), key=KEY)  # concrete: merge and the regulariser
-    two = pj.inject(q, A(["fc1"]), key=KEY, name="other")
+    two = pj.inject(q, A(["fc1"]), key=KEY, name="other", trainable=False)
+    assert float(pj.adalora_orth_reg(two)) > 0  # the one trainable adapter
+    two = pj.set_trainable(two, "other", True)  # two trainable ones: the name is needed
     with pytest.raises(pj.AdapterNameError, match="name="):
         pj.adalora_orth_reg(two)
     with pytest.raises(pj.AdapterNameError, match="nope"):
@@ -498,3 +500,18 @@ def test_bad_inputs():
     assert float(pj.adalora_orth_reg(two, name="other")) > 0
     with pytest.raises(pj.MergeError, match="unmerge"):
         pj.adalora_update_and_allocate(pj.merge(q), q, pj.adalora_init_state(q), 0)
+
+
+def test_a_second_trainable_adalora_adapter_is_refused():
+    """PEFT: "AdaLoraModel supports only 1 trainable adapter"; a frozen second one is fine."""
+    p = {"fc": {"kernel": jnp.ones((8, 6))}}
+    cfg = pj.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["fc"])
+    q = pj.inject(p, cfg, key=0)
+    with pytest.raises(pj.ConfigError, match=r"trainable adalora adapter.*\['default'\]"):
+        pj.inject(q, cfg, key=1, name="second")
+    frozen = dataclasses.replace(cfg, inference_mode=True)
+    q2 = pj.inject(q, frozen, key=1, name="second")
+    assert pj.frozen_adapters(q2) == ("second",)
+    q3 = pj.inject(pj.set_trainable(q, "default", False), cfg, key=1, name="second")
+    assert pj.frozen_adapters(q3) == ("default",)
+    pj.inject(q, pj.LoraConfig(r=2, target_modules=["fc"]), key=1, name="lora")  # other methods

@@ -442,3 +442,14 @@ def test_merge_warns_as_check_adapters_to_merge():
     )
     with pytest.warns(UserWarning, match="All adapters are already merged"):
         assert_trees_equal(pj.merge_and_unload(m), pj.merge_and_unload(q))
+
+
+def test_summary_says_disabled_adapters_act_as_the_base():
+    p = {"q": {"kernel": jnp.ones((4, 6))}}
+    q = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q"]), key=0)
+    quiet = lambda s: None  # noqa: E731
+    assert "active, disabled" not in pj.summary(q, print_fn=quiet)
+    assert "active, disabled" in pj.summary(pj.disable_adapters(q), print_fn=quiet)
+    assert "active, disabled" not in pj.summary(
+        pj.enable_adapters(pj.disable_adapters(q)), print_fn=quiet
+    )

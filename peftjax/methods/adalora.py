@@ -192,6 +192,7 @@ class AdaLoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "ADALORA"
     method: ClassVar[str] = "adalora"
+    max_trainable: ClassVar[int | None] = 1  # PEFT: "supports only 1 trainable adapter"
     alpha_field: ClassVar[str] = "lora_alpha"
     #: AdaLoRA's `rank_pattern` keys are ``<module>.lora_E``, not LoRA's module regexes, and
     #: PEFT ignores `alpha_pattern`: `inject` checks neither as LoRA patterns (`module_specs`
