@@ -359,11 +359,7 @@ def part1(z, ns, reps, budget, report):
     problems = []
     for n in ns:
         t0 = time.perf_counter()
-        mesh = make_mesh(n)
-        rep = NamedSharding(mesh, P())
-        p_sh = base_shardings(params0, mesh)
-        ids_sh = NamedSharding(mesh, P("fsdp", None))
-        act = NamedSharding(mesh, P("fsdp", None, None))
+        mesh, rep, p_sh, ids_sh, act = on_mesh(n, params0)
         base_step, lora_step = steps(LM(d, h, H, L, V, act=act), adam)
         params = jax.device_put(params0, p_sh)  # from host: (a) donates it, (b) has its own
         ids = jax.device_put(ids0, ids_sh)
@@ -430,10 +426,7 @@ def part1(z, ns, reps, budget, report):
         col_a, ag_a = collectives(hlo_a)
         col_b, ag_b = collectives(hlo_b)
         # all-gathers of base-weight-sized arrays in (b) beyond (a)'s
-        wshapes = weight_shapes(params0, mesh)
-        w_a = {k: c for k, c in ag_a.items() if k[1] in wshapes}
-        w_b = {k: c for k, c in ag_b.items() if k[1] in wshapes}
-        extra = {k: c - w_a.get(k, 0) for k, c in w_b.items() if c > w_a.get(k, 0)}
+        w_a, w_b, extra = weight_gathers(ag_a, ag_b, weight_shapes(params0, mesh))
         if extra:
             problems.append(
                 f"n={n}: LoRA step all-gathers beyond the base step's: "
@@ -565,6 +558,25 @@ def scan_residuals(fn, *args):
     return len(avals), sum(math.prod(a.shape) * a.dtype.itemsize for a in avals), by
 
 
+def on_mesh(n, params0):
+    """``(mesh, replicated, base shardings, ids sharding, activation sharding)`` for ``n``."""
+    mesh = make_mesh(n)
+    return (
+        mesh,
+        NamedSharding(mesh, P()),
+        base_shardings(params0, mesh),
+        NamedSharding(mesh, P("fsdp", None)),
+        NamedSharding(mesh, P("fsdp", None, None)),
+    )
+
+
+def weight_gathers(ag_base, ag_lora, shapes):
+    """``(base's, LoRA's, LoRA's beyond base's)`` all-gather counts of base-weight shapes."""
+    w_a = {k: c for k, c in ag_base.items() if k[1] in shapes}
+    w_b = {k: c for k, c in ag_lora.items() if k[1] in shapes}
+    return w_a, w_b, {k: c - w_a.get(k, 0) for k, c in w_b.items() if c > w_a.get(k, 0)}
+
+
 #: observations worth a line that are not failures of the checks
 NOTES: list[str] = []
 
@@ -639,11 +651,8 @@ def part2(z, ns, report):
         )
     for n in ns:
         t0 = time.perf_counter()
-        mesh = make_mesh(n)
-        rep = NamedSharding(mesh, P())
-        p_sh = base_shardings(params0, mesh)
-        ids_sh = NamedSharding(mesh, P("fsdp", None))
-        model = LM(d, h, H, L, V, scan=True, act=NamedSharding(mesh, P("fsdp", None, None)))
+        mesh, rep, p_sh, ids_sh, act = on_mesh(n, params0)
+        model = LM(d, h, H, L, V, scan=True, act=act)
 
         def loss(p, s, ids, model=model):
             return C.lm_loss(model.apply({"params": p}, ids, s), ids)
@@ -698,9 +707,7 @@ def part2(z, ns, report):
         col_f, ag_f = collectives(hlo_f)
         col_l, ag_l = collectives(hlo_l)
         wsh = weight_shapes(params0, mesh, per_layer=True)
-        w_f = {k: c for k, c in ag_f.items() if k[1] in wsh}
-        w_l = {k: c for k, c in ag_l.items() if k[1] in wsh}
-        extra_ag = {k: c - w_f.get(k, 0) for k, c in w_l.items() if c > w_f.get(k, 0)}
+        w_f, w_l, extra_ag = weight_gathers(ag_f, ag_l, wsh)
         if extra_ag:
             problems.append(
                 f"scan n={n}: LoRA step all-gathers base weights beyond the base step's: "

@@ -211,20 +211,14 @@ def run(mesh, ckpt_dir: str, multi: bool) -> dict:
         restored, r_opt, r_step = ckpt.restore(fresh, placed_opt_init(fresh_tr))
     assert r_step == STEPS
     r_tr, r_fr = pj.partition(restored)
-    for (kp, a), (kp2, b) in zip(
-        jax.tree_util.tree_flatten_with_path(tr)[0],
-        jax.tree_util.tree_flatten_with_path(r_tr)[0],
-        strict=True,
-    ):
-        assert kp == kp2
-        same_global(a, b, "restored " + jax.tree_util.keystr(kp))
-    for (kp, a), (kp2, b) in zip(
-        jax.tree_util.tree_flatten_with_path(opt_state)[0],
-        jax.tree_util.tree_flatten_with_path(r_opt)[0],
-        strict=True,
-    ):
-        assert kp == kp2
-        same_global(a, b, "restored opt_state " + jax.tree_util.keystr(kp))
+    for label, want, got in (("restored ", tr, r_tr), ("restored opt_state ", opt_state, r_opt)):
+        for (kp, a), (kp2, b) in zip(
+            jax.tree_util.tree_flatten_with_path(want)[0],
+            jax.tree_util.tree_flatten_with_path(got)[0],
+            strict=True,
+        ):
+            assert kp == kp2
+            same_global(a, b, label + jax.tree_util.keystr(kp))
 
     # continue: from the restored state and, for comparison, from the uninterrupted one
     resumed, cont = [], []
