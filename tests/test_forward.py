@@ -804,8 +804,12 @@ class ScannedModel(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "method,remat",
-    [(m, False) for m in ["lora", "ia3_mixed", "ln_tuning", "lora_ltt"]] + [("lora", True)],
+    "method,remat",  # plain LoRA in the default run, the variants with -m slow
+    [("lora", False)]
+    + [
+        pytest.param(m, r, marks=pytest.mark.slow)
+        for m, r in [("ia3_mixed", 0), ("ln_tuning", 0), ("lora_ltt", 0), ("lora", 1)]
+    ],
 )
 def test_linen_nn_scan(method, remat, fallbacks):
     m = ScannedModel(remat=remat)

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import peftjax as pj
-from tests.cases import CASES, KEY, injected, methods
+from tests.cases import CASES, KEY, injected, methods, spread
 from tests.conftest import (
     HIDDEN,
     INTER,
@@ -46,12 +46,20 @@ from tests.conftest import (
 
 
 cases = pytest.mark.parametrize("case", CASES, ids=str)
+#: every method, tree family and weight kind (`spread`) in the default run; the other rows of
+#: the table with ``-m slow`` (CI runs both): for the per-row numerics checks below
+_SPREAD = {c.name for c in spread(CASES)}
+spread_cases = pytest.mark.parametrize(
+    "case",
+    [c if c.name in _SPREAD else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+    ids=str,
+)
 
 
 # ------------------------------------------------------------------------------ invariants
 
 
-@cases
+@spread_cases
 def test_fresh_adapter_is_zero_delta(case):
     p, q = injected(case)
     assert nodes(q), "the config targeted nothing"
@@ -70,7 +78,7 @@ def test_unload_inject_is_identity(case):
     assert pj.adapter_names(q) == ("default",)
 
 
-@cases
+@spread_cases
 def test_merge_unmerge_roundtrip_nonzero(case):
     p, q = injected(case)
     qr = randomize(q, seed=1)
@@ -102,7 +110,7 @@ def test_merge_and_unload_keeps_structure_shapes_dtypes(case):
         assert a.shape == b.shape and a.dtype == b.dtype
 
 
-@cases
+@spread_cases
 def test_bf16_base(case):
     p = TREES[case.tree](dtype=jnp.bfloat16)
     q = randomize(pj.inject(p, case.config, key=KEY, layouts=case.layouts), seed=3)
@@ -132,7 +140,10 @@ def test_inputs_never_mutated(case):
     q = randomize(q, seed=4)
     snap_q = snapshot(q)
     steps = [
-        lambda t: pj.inject(t, case.config, key=KEY, name="other", layouts=case.layouts),
+        # a second adapter, frozen (AdaLoRA trains one at a time, `max_trainable`)
+        lambda t: pj.inject(
+            t, case.config, key=KEY, name="other", layouts=case.layouts, trainable=False
+        ),
         lambda t: pj.set_active(t, None),
         lambda t: pj.set_active(t, "default"),
         pj.merge,

@@ -212,7 +212,10 @@ def flax_llama():
     return model, shapes, logits
 
 
-@pytest.mark.parametrize("case", LLAMA)
+@pytest.mark.parametrize(
+    "case",  # LoRA in the default run, the other methods' Llama fixtures with -m slow
+    [c if c == "llama_lora" else pytest.param(c, marks=pytest.mark.slow) for c in LLAMA],
+)
 def test_llama_through_hf_flax_model(case, flax_llama):
     model, shapes, logits = flax_llama
     params = base_params(case)

@@ -88,7 +88,15 @@ def leaves_close(got, want, atol):
 # ---------------------------------------------------------------------------------- fixtures
 
 
-@pytest.mark.parametrize("case", list(CASES))
+#: fixtures of every kind in the default run (linear, both convs, embedding); the other
+#: linear variants (COFT, Neumann, block sharing, ...) with -m slow
+DEFAULT_FIXTURES = ("oft_linear", "oft_conv1x1", "oft_conv3x3", "oft_embedding")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c if c in DEFAULT_FIXTURES else pytest.param(c, marks=pytest.mark.slow) for c in CASES],
+)
 def test_peft_fixture(case, tmp_path):
     fwd, inp, out = CASES[case]
     params = base_params(case)
