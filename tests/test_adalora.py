@@ -119,7 +119,9 @@ def config_diff(got_dir: Path, want_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------- PEFT files
 
 
-@pytest.mark.parametrize("case", PRUNED)
+@pytest.mark.parametrize(  # the rank-0 fixture by default (its zero-size arrays), the others slow
+    "case", [c if c == "adalora_rank0" else pytest.param(c, marks=pytest.mark.slow) for c in PRUNED]
+)
 def test_pruned_fixture_loads_runs_merges_and_saves_back(case, tmp_path):
     params, io = base_params(case), io_data(case)
     cfg = json.loads((FIX / case / pio.CONFIG_NAME).read_text())

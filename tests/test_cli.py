@@ -55,7 +55,14 @@ def _checkpoint(tmp_path, case, shards: int, dtype=np.float32) -> Path:
 
 @pytest.mark.parametrize(
     "case,shards",
-    [(c, 1) for c in METHODS] + [("llama_lora", 3)],  # shards: the same for every method
+    # shards: the same for every method; LoRA, DoRA and LoKr by default, the others -m slow
+    [
+        (c, 1)
+        if c in ("llama_lora", "llama_dora", "llama_lokr")
+        else pytest.param(c, 1, marks=pytest.mark.slow)
+        for c in METHODS
+    ]
+    + [("llama_lora", 3)],
 )
 def test_merge_matches_peft_merge_and_unload(tmp_path, case, shards, capsys):
     base = _checkpoint(tmp_path, case, shards)

@@ -610,10 +610,13 @@ def hf_llama():
         pj.LoraConfig(
             r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
         ),
-        pj.IA3Config(
-            target_modules=["k_proj", "v_proj", "down_proj"],
-            feedforward_modules=["down_proj"],
-            init_ia3_weights=False,
+        pytest.param(  # IA3 through FlaxLlama with -m slow
+            pj.IA3Config(
+                target_modules=["k_proj", "v_proj", "down_proj"],
+                feedforward_modules=["down_proj"],
+                init_ia3_weights=False,
+            ),
+            marks=pytest.mark.slow,
         ),
     ],
     ids=["lora", "ia3"],
@@ -656,7 +659,14 @@ def _dora_reference_weights(q):
     return jax.tree_util.tree_map(fix, q, is_leaf=lambda n: isinstance(n, pj.Adapted))
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "lokr_decomposed", "ia3_mixed", "ln_tuning"])
+@pytest.mark.parametrize(  # LoRA and DoRA by default, the others with -m slow
+    "method",
+    ["lora", "dora"]
+    + [
+        pytest.param(m, marks=pytest.mark.slow)
+        for m in ("lokr_decomposed", "ia3_mixed", "ln_tuning")
+    ],
+)
 def test_grad_matches_merged_formulation(method):
     m, p, x = _mlp()
     q = inject(p, configs(["fc1", "fc2"])[method])
@@ -980,10 +990,10 @@ def test_lora_grad_builds_no_weight_sized_array(method):
 
 @pytest.mark.parametrize(
     "method,kw",
-    [
+    [  # LoRA's and LoKr's (rank and module dropout) by default, DoRA's and LoHa's with -m slow
         ("lora", {"lora_dropout": 0.5}),
-        ("dora", {"lora_dropout": 0.5}),
-        ("loha", {"rank_dropout": 0.5}),
+        pytest.param("dora", {"lora_dropout": 0.5}, marks=pytest.mark.slow),
+        pytest.param("loha", {"rank_dropout": 0.5}, marks=pytest.mark.slow),
         ("lokr_decomposed", {"rank_dropout": 0.5, "module_dropout": 0.5}),
     ],
 )
