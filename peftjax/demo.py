@@ -137,7 +137,10 @@ def batches(data: np.ndarray, batch: int, seq: int, seed: int):
 class Progress:
     """A one-line progress bar (no dependency): step, loss, tokens/s."""
 
-    def __init__(self, total: int, stream=sys.stderr, width: int = 24):
+    def __init__(self, total: int, stream=None, width: int = 24):
+        # the stream is looked up per bar, not bound at import: `sys.stderr` may have been
+        # replaced since (pytest's capture, a notebook), and the one seen at import closed
+        stream = sys.stderr if stream is None else stream
         self.total, self.stream, self.width = total, stream, width
         self.tty = getattr(stream, "isatty", lambda: False)()
         self.t0 = time.perf_counter()

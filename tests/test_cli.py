@@ -298,3 +298,19 @@ def test_merge_truncated_shard_header_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.safetensors" in err and "truncated" in err
     assert not out.exists()
+
+
+def test_demo_progress_writes_to_the_current_stderr(monkeypatch):
+    """The bar looks `sys.stderr` up when it is made (a stream bound at import may be closed
+    by then: pytest's capture, a notebook's)."""
+    import io
+    import sys
+
+    from peftjax.demo import Progress
+
+    buf = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", buf)
+    bar = Progress(4)
+    bar.update(4, 1.0, 128)
+    bar.close()
+    assert "step    4/4" in buf.getvalue()
