@@ -219,33 +219,31 @@ def _resolve(value, shape, mesh, rules, where) -> tuple[Sharding, tuple | None]:
     return NamedSharding(mesh, spec), ent
 
 
+def _map_arrays(node: Adapted, fn) -> dict:
+    """``node.arrays`` with each array ``v`` of adapter ``n``, key ``k`` replaced by
+    ``fn(n, k, v)``; ``None`` entries and non-dict values (a `partition` half) kept."""
+    return {
+        n: {k: None if v is None else fn(n, k, v) for k, v in a.items()}
+        if isinstance(a, dict)
+        else a
+        for n, a in node.arrays.items()
+    }
+
+
 def _adapter_shardings(node: Adapted, entries, mesh, rank_axis, where) -> dict:
     sizes = dict(mesh.shape)
-    out: dict[str, dict] = {}
-    for n, arrays in node.arrays.items():
-        if not isinstance(arrays, dict):
-            out[n] = arrays
-            continue
-        spec = node.spec(n)
-        out[n] = {
-            k: None
-            if v is None
-            else NamedSharding(
-                mesh,
-                array_spec(
-                    spec, k, tuple(v.shape), entries, sizes, rank_axis=rank_axis, where=where
-                ),
-            )
-            for k, v in arrays.items()
-        }
-    return out
+
+    def one(n, k, v):
+        spec = array_spec(
+            node.spec(n), k, tuple(v.shape), entries, sizes, rank_axis=rank_axis, where=where
+        )
+        return NamedSharding(mesh, spec)
+
+    return _map_arrays(node, one)
 
 
 def _replicated_like(node: Adapted, sharding: Sharding) -> dict:
-    return {
-        n: {k: None if v is None else sharding for k, v in a.items()} if isinstance(a, dict) else a
-        for n, a in node.arrays.items()
-    }
+    return _map_arrays(node, lambda n, k, v: sharding)
 
 
 def _check_rank_axis(rank_axis, meshes):
@@ -400,13 +398,7 @@ def place_node(node: Adapted, where: str = "", base_sharding: Sharding | None = 
     targets = node_targets(node, where=where)
     if targets is None:
         return node
-    arrays = {
-        n: {k: (_put(v, targets[n][k]) if v is not None else v) for k, v in a.items()}
-        if isinstance(a, dict)
-        else a
-        for n, a in node.arrays.items()
-    }
-    return node.replace(arrays=arrays)
+    return node.replace(arrays=_map_arrays(node, lambda n, k, v: _put(v, targets[n][k])))
 
 
 def _explicit_sharding(x) -> NamedSharding | None:
@@ -429,16 +421,8 @@ def _place_traced(node: Adapted, where: str) -> Adapted:
         return node
     entries = _entries(s.spec, tuple(node.base.shape), s.mesh, where)
     targets = _adapter_shardings(node, entries, s.mesh, None, where)
-    arrays = {
-        n: {
-            k: (jax.sharding.reshard(v, targets[n][k]) if v is not None else v)
-            for k, v in a.items()
-        }
-        if isinstance(a, dict)
-        else a
-        for n, a in node.arrays.items()
-    }
-    return node.replace(arrays=arrays)
+    reshard = lambda n, k, v: jax.sharding.reshard(v, targets[n][k])  # noqa: E731
+    return node.replace(arrays=_map_arrays(node, reshard))
 
 
 def place(params):
@@ -457,6 +441,10 @@ def place(params):
     return jax.tree_util.tree_unflatten(treedef, vals)
 
 
+def _with_sharding(x, sh) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+
+
 def abstract_like(out, given):
     """``out`` (abstract, from ``jax.eval_shape`` of `inject`) with the shardings the rule
     gives, when the abstract inputs ``given`` carried shardings (same flat order of bases)."""
@@ -471,9 +459,8 @@ def abstract_like(out, given):
         if not isinstance(s, Sharding):
             vals.append(v)
             continue
-        with_s = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
         if not is_adapted(v):
-            vals.append(with_s(v, s))
+            vals.append(_with_sharding(v, s))
             continue
         where = dotted(keypath_to_names(kp))
         if isinstance(s, NamedSharding):
@@ -481,11 +468,6 @@ def abstract_like(out, given):
             tgt = _adapter_shardings(v, entries, s.mesh, None, where)
         else:
             tgt = _replicated_like(v, s)
-        arrays = {
-            n: {k: (with_s(x, tgt[n][k]) if x is not None else x) for k, x in a.items()}
-            if isinstance(a, dict)
-            else a
-            for n, a in v.arrays.items()
-        }
-        vals.append(v.replace(base=with_s(v.base, s), arrays=arrays))
+        arrays = _map_arrays(v, lambda n, k, x, tgt=tgt: _with_sharding(x, tgt[n][k]))
+        vals.append(v.replace(base=_with_sharding(v.base, s), arrays=arrays))
     return jax.tree_util.tree_unflatten(treedef, vals)
