@@ -45,6 +45,7 @@ from .methods import (
     factorization as factorization,
 )
 from .node import Adapted as Adapted
+from .prompt import prompt_inputs as prompt_inputs
 from .sharding import shardings as shardings
 from .training import (
     adapter_optimizer as adapter_optimizer,
@@ -110,6 +111,7 @@ __all__ = sorted(
         "ShapeError",
         "ShardingError",
         "shardings",
+        "prompt_inputs",
         "TargetError",
         "UnsupportedModuleError",
         "active",

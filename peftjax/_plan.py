@@ -46,6 +46,9 @@ class Planned:
     #: other targeted parameters of its PEFT module are wrapped around it (`plan_parameters`)
     param: str | None = None
     nest: int = 0
+    #: the config the specs are made from when the method's planner resolved fields from the
+    #: tree (`AdapterConfig.plan_targets`: prefix tuning reads its layer count and KV width)
+    config: AdapterConfig | None = None
 
 
 def layer_mask(config: AdapterConfig, layout: Layout | None, shape) -> list[bool] | None:
@@ -176,6 +179,9 @@ def plan_injection(
 ) -> list[Planned]:
     """The modules `inject` adapts, in tree order, then the parameters PEFT's
     ``target_parameters`` names (`plan_parameters`); every error names the module or field."""
+    own = config.plan_targets(groups, layouts)
+    if own is not None:  # a method that picks its own leaves (prompt learning)
+        return own
     tparams = getattr(config, "target_parameters", None)
     if config.target_modules is None and not tparams:
         raise ConfigError(

@@ -301,6 +301,13 @@ def merge_checkpoint(
     cfg, tensors = io.read_adapter(adapter_dir, name)
     pt = cfg.peft_type
     method = method_of(cfg)
+    if cfg.route is not None:
+        raise MergeError(
+            f"`{adapter_dir}` is a {method.name} adapter ({pt}): it acts on the model's "
+            "activations (virtual tokens, attention keys and values), not on its weights, so "
+            "there is nothing to merge into a checkpoint (PEFT cannot merge it either); load it "
+            "with `pj.load_pretrained` and run it through `pj.apply` / `pj.prompt_inputs`."
+        )
     kinds: dict[str, str] = {}
     replace: dict[str, np.ndarray] = {}
     for k in tensors:

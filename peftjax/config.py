@@ -271,6 +271,9 @@ class AdapterConfig:
     #: against the targeted modules (a method whose pattern fields mean something else, e.g.
     #: AdaLoRA's ``rank_pattern`` masks, lists fewer and checks its own).
     PATTERN_FIELDS: ClassVar[tuple[str, ...]] = ("rank_pattern", "alpha_pattern")
+    #: a prompt-learning method's route (`peftjax.methods.prompt`: ``"tokens"``, ``"prefix"``,
+    #: ``"attention"``); ``None`` for methods that adapt weights. Its files are the spec's.
+    route: ClassVar[str | None] = None
 
     # PEFT's `PeftConfig` fields (metadata only).
     task_type: str | None = None
@@ -340,6 +343,12 @@ class AdapterConfig:
     # ------------------------------------------------------------------ method hooks
     # What generic code (inject, save, load, inspect) asks a config; each method's module
     # (`peftjax.methods.<method>`) overrides the hooks that apply to it.
+
+    def plan_targets(self, groups: Mapping[str, list], layouts: Any) -> list | None:
+        """The `_plan.Planned` leaves of a method that picks them itself rather than by
+        ``target_modules`` (prompt learning: the word embedding), or ``None`` (the default:
+        PEFT's ``target_modules`` rules)."""
+        return None
 
     def rank_alpha(self, path: str) -> tuple[int, int | float] | None:
         """``(r, alpha)`` of module ``path`` (``rank_pattern`` / ``alpha_pattern`` applied) for

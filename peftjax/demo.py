@@ -4,7 +4,9 @@
 network), injects an adapter (LoRA by default), trains it on ``peftjax/data/tiny_corpus.txt``
 with the factored forward (`pj.apply`) and `pj.partition` (gradients and optimizer state for
 the adapter only), then merges, checks that the merged model gives the adapted outputs, and
-saves the adapter in HF PEFT's format.
+saves the adapter in HF PEFT's format. Prompt methods (``--method prompt_tuning``,
+``prefix_tuning``) go through `pj.prompt_inputs` (the model takes ``prefix_key_values``), do not
+merge (PEFT's rule), and sample from the adapted forward instead.
 """
 
 from __future__ import annotations
@@ -34,29 +36,39 @@ class RMSNorm(nn.Module):
         return (y * w).astype(x.dtype)
 
 
-def _rope(x, base: float = 10000.0):
-    """Rotary position embedding on ``(batch, seq, heads, head_dim)``."""
+def _rope(x, base: float = 10000.0, offset: int = 0):
+    """Rotary position embedding on ``(batch, seq, heads, head_dim)``, positions from
+    ``offset``."""
     seq, hd = x.shape[1], x.shape[-1]
     freqs = base ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) / (hd // 2))
-    ang = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]
+    ang = (offset + jnp.arange(seq, dtype=jnp.float32))[:, None] * freqs[None, :]
     cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
     x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE. ``prefix``: optional ``(keys, values)`` ``[B, T, H, d]``
+    placed before the sequence's own, unrotated, the tokens then at positions ``T..`` (prefix
+    tuning's KV cache, `pj.prompt_inputs`' ``prefix_key_values``)."""
+
     heads: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, prefix=None):
         b, t, d = x.shape
         hd = d // self.heads
+        n_pre = 0 if prefix is None else prefix[0].shape[1]
         dense = lambda name: nn.Dense(d, use_bias=False, name=name)
-        q = _rope(dense("q_proj")(x).reshape(b, t, self.heads, hd))
-        k = _rope(dense("k_proj")(x).reshape(b, t, self.heads, hd))
+        q = _rope(dense("q_proj")(x).reshape(b, t, self.heads, hd), offset=n_pre)
+        k = _rope(dense("k_proj")(x).reshape(b, t, self.heads, hd), offset=n_pre)
         v = dense("v_proj")(x).reshape(b, t, self.heads, hd)
-        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
         mask = jnp.tril(jnp.ones((t, t), bool))
+        if prefix is not None:
+            k = jnp.concatenate([prefix[0].astype(k.dtype), k], axis=1)
+            v = jnp.concatenate([prefix[1].astype(v.dtype), v], axis=1)
+            mask = jnp.concatenate([jnp.ones((t, n_pre), bool), mask], axis=1)
+        att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
         att = jax.nn.softmax(jnp.where(mask, att, -1e9), axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d)
         return dense("o_proj")(out)
@@ -67,8 +79,8 @@ class Block(nn.Module):
     inter: int
 
     @nn.compact
-    def __call__(self, x):
-        x = x + Attention(self.heads, name="self_attn")(RMSNorm(name="input_layernorm")(x))
+    def __call__(self, x, prefix=None):
+        x = x + Attention(self.heads, name="self_attn")(RMSNorm(name="input_layernorm")(x), prefix)
         h = RMSNorm(name="post_attention_layernorm")(x)
         d = x.shape[-1]
         gate = nn.Dense(self.inter, use_bias=False, name="gate_proj")(h)
@@ -86,10 +98,11 @@ class TinyLlama(nn.Module):
     inter: int = 256
 
     @nn.compact
-    def __call__(self, ids):
+    def __call__(self, ids, prefix_key_values=None):
         x = nn.Embed(self.vocab, self.hidden, name="embed_tokens")(ids)
         for i in range(self.layers):
-            x = Block(self.heads, self.inter, name=f"layers_{i}")(x)
+            pre = None if prefix_key_values is None else prefix_key_values[i]
+            x = Block(self.heads, self.inter, name=f"layers_{i}")(x, pre)
         x = RMSNorm(name="norm")(x)
         return nn.Dense(self.vocab, use_bias=False, name="lm_head")(x)
 
@@ -100,8 +113,10 @@ class Model(nn.Module):
     vocab: int
 
     @nn.compact
-    def __call__(self, ids):
-        return TinyLlama(self.vocab, name="model")(ids)
+    def __call__(self, input_ids, prefix_key_values=None):
+        """Logits of ``input_ids``; ``prefix_key_values``: one ``(keys, values)`` pair per
+        layer (prefix tuning, see `Attention`)."""
+        return TinyLlama(self.vocab, name="model")(input_ids, prefix_key_values)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -218,7 +233,14 @@ def run(
     opt = optax.adam(lr)
     trainable, frozen = pj.partition(params)
     opt_state = opt.init(trainable)
-    forward = pj.apply(model.apply)
+    prompt = cfg.route is not None  # prompt learning: no merge; inputs from `pj.prompt_inputs`
+    if prompt:
+        fwd = pj.apply(lambda p, b: model.apply(p, **b))
+
+        def forward(p, x):  # the logits of the real tokens (virtual ones, if any, come first)
+            return fwd(p, pj.prompt_inputs(p, x, model=model))[:, -x.shape[1] :]
+    else:
+        forward = pj.apply(model.apply)
 
     def loss_fn(trainable, frozen, x, y):
         logits = forward(pj.combine(trainable, frozen), x)
@@ -253,20 +275,27 @@ def run(
     loss1 = float(eval_loss(trainable, frozen, eval_x, eval_y))
     print_fn(f"held-out loss after:  {loss1:.3f}  (before {loss0:.3f})")
 
-    merged = pj.merge_and_unload(params)
     y_adapted = jax.jit(forward)(params, eval_x)
-    y_merged = jax.jit(model.apply)(merged, eval_x)
     y_base = jax.jit(model.apply)(base, eval_x)
-    diff = float(jnp.max(jnp.abs(y_adapted - y_merged)))
     moved = float(jnp.max(jnp.abs(y_adapted - y_base)))
-    print_fn(
-        f"merged model vs adapted forward: max |diff| = {diff:.2e} "
-        f"(adapter moved logits by {moved:.2f})"
-    )
-
-    prompt = "The "
-    sample = generate(model, merged, tok, prompt, 60, seq)
-    print_fn(f"sample from the merged model: {sample!r}")
+    if prompt:
+        merged, diff = None, float("nan")
+        print_fn(
+            f"{cfg.method} acts on the activations and does not merge (PEFT's rule); the "
+            f"adapter moved logits by {moved:.2f}"
+        )
+        sample = generate(lambda x: forward(params, x), tok, "The ", 60, seq)
+        print_fn(f"sample from the adapted model: {sample!r}")
+    else:
+        merged = pj.merge_and_unload(params)
+        y_merged = jax.jit(model.apply)(merged, eval_x)
+        diff = float(jnp.max(jnp.abs(y_adapted - y_merged)))
+        print_fn(
+            f"merged model vs adapted forward: max |diff| = {diff:.2e} "
+            f"(adapter moved logits by {moved:.2f})"
+        )
+        sample = generate(lambda x: model.apply(merged, x), tok, "The ", 60, seq)
+        print_fn(f"sample from the merged model: {sample!r}")
     result = {
         "loss_before": loss0,
         "loss_after": loss1,
@@ -286,14 +315,15 @@ def run(
     return result
 
 
-def generate(model, params, tok, prompt: str, n: int, seq: int) -> str:
-    """Greedy decoding with the plain (merged) model."""
+def generate(logits_of, tok, prompt: str, n: int, seq: int) -> str:
+    """Greedy decoding with ``logits_of(ids [1, seq]) -> [1, seq, vocab]`` (the merged model,
+    or the adapted forward of a method that does not merge)."""
     ids = list(tok.encode(prompt))
-    fwd = jax.jit(model.apply)
+    fwd = jax.jit(logits_of)
     for _ in range(n):
         ctx = ids[-seq:]
         x = np.zeros((1, seq), np.int32)
         x[0, : len(ctx)] = ctx
-        logits = fwd(params, x)
+        logits = fwd(x)
         ids.append(int(jnp.argmax(logits[0, len(ctx) - 1])))
     return tok.decode(ids)

@@ -21,7 +21,12 @@ pyproject's JAX floor is the version the suite runs on):
    layers, ``layers_to_transform``, are first expanded to every layer with scale ``0`` on the
    others, `Spec.expand`); ``remat`` is re-issued with
    ``jax.checkpoint`` around the interpreted body.
-4. Any other use of a tagged value (transposed or sliced weight, ``custom_jvp``/``custom_vjp``,
+4. Prompt learning (`peftjax.methods.prompt`): a ``gather`` of a word-embedding table carrying
+   a ``"tokens"``-route adapter reads the virtual ids ``pj.prompt_inputs`` put in from the
+   adapter's virtual rows (`_prompt_gather`); ``"attention"``-route adapters (adaption prompt)
+   run ``fn`` inside their spec's flax method interceptor; ``"prefix"`` adapters need nothing
+   here (their keys and values arrive as the model's KV cache input).
+5. Any other use of a tagged value (transposed or sliced weight, ``custom_jvp``/``custom_vjp``,
    ``while``/``cond``, a returned weight...) gets the effective weight ``W + dW`` built at that
    point: slower but never silently wrong.
 
@@ -46,8 +51,8 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from .errors import LayoutError
-from .methods import COPY, DERIVED, Spec
+from .errors import LayoutError, UnsupportedModuleError
+from .methods import COPY, DERIVED, PROMPT, Spec
 from .node import is_adapted
 
 __all__ = ["apply"]
@@ -395,7 +400,10 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
         return None
     tag: _Tag = tags[w_v]
     b = tag.binding
+    prompt = any(spec.role == PROMPT for spec, _, _ in b.items)  # a word embedding's virtual ids
     if b.stack_left or tag.perm is not None:
+        if prompt:
+            _prompt_lookup_error(b)
         return None
     dn = eqn.params["dimension_numbers"]
     w = read(w_v)
@@ -407,7 +415,11 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
         or tuple(dn.operand_batching_dims)
         or tuple(dn.offset_dims) != (eqn.outvars[0].aval.ndim - 1,)  # features last only
     ):
+        if prompt:
+            _prompt_lookup_error(b)
         return None
+    if prompt:
+        return _prompt_gather(interp, eqn, b, w, read(idx_v))
     for spec, _, _ in b.items:
         if not spec.gather_factored:
             return None
@@ -423,6 +435,33 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
     for spec, arrays, scale in b.items:
         y = spec.gathered_forward(gather, y, arrays, jnp.asarray(scale, jnp.float32))
     return [(y.astype(out.dtype), None)]
+
+
+def _prompt_lookup_error(b: _Binding):
+    raise UnsupportedModuleError(
+        f"module `{b.module}`: a prompt-learning adapter sits on this word embedding, but the "
+        "function reads the table other than as a row lookup of a 2-D table (`jnp.take(table, "
+        "ids, axis=0)`, `nn.Embed`, `table[ids]`), so the virtual tokens cannot be put in."
+    )
+
+
+def _prompt_gather(interp: _Interp, eqn, b: _Binding, w, idx):
+    """The lookup of `pj.prompt_inputs`' ids in ``[E; virtual rows]`` (the ``"tokens"`` route of
+    `peftjax.methods.prompt`): ids ``V + g*T + k`` pick row ``k`` of prompt group ``g``; the
+    others are the table's rows, as the model's own gather gives them."""
+    (spec, arrays, _), *rest = b.items
+    if rest:
+        raise UnsupportedModuleError(
+            f"module `{b.module}`: a prompt-learning adapter ({spec.method}) and other adapters "
+            f"({[s.method for s, _, _ in rest]}) are active on one word embedding; activate one."
+        )
+    rows = spec.virtual_rows(arrays, interp.next_rng()).reshape(-1, w.shape[1]).astype(w.dtype)
+    # two row gathers and a select (never a copy of the whole table): ids below V read the
+    # table, the others row ``id - V`` of the virtual rows; both index sets are clipped in range
+    vocab = w.shape[0]
+    real = eqn.primitive.bind(w, jnp.clip(idx, 0, vocab - 1), **eqn.params)
+    virt = eqn.primitive.bind(rows, jnp.clip(idx - vocab, 0, rows.shape[0] - 1), **eqn.params)
+    return [(jnp.where((idx >= vocab)[..., :1], virt, real), None)]
 
 
 def _inline(interp: _Interp, eqn, read, tags, materialize):
@@ -520,13 +559,14 @@ def _is_array(x) -> bool:
 
 
 def _prepare(args_tree):
-    """Replace adapted leaves: returns (flat values, flat bindings (or None), treedef)."""
+    """Replace adapted leaves: returns (flat values, flat bindings (or None), treedef, the
+    ``"attention"``-route prompt adapters ``[(module, spec, arrays)]``)."""
     from ._tree import group_modules, walk
     from .transforms import owner_of, with_shared
 
     leaves, treedef = walk(args_tree)
     groups = None
-    vals, binds = [], []
+    vals, binds, attention = [], [], []
     for i, l in enumerate(leaves):
         node = l.value
         if not is_adapted(node):
@@ -537,6 +577,12 @@ def _prepare(args_tree):
         value = node.base
         items = []
         for name, spec, arrays in pend:
+            if spec.role == PROMPT:
+                if spec.route == "tokens":  # the word embedding's lookup (`_prompt_gather`)
+                    items.append((spec, arrays, jnp.float32(1.0)))
+                elif spec.route == "attention":
+                    attention.append((_arg_module(l.module), spec, arrays))
+                continue  # "prefix": `pj.prompt_inputs` builds the model's cache
             if spec.role == COPY:
                 if items:  # adapters activated before the copy are replaced by it (as `merge`)
                     value, items = _effective(_binding(i, value, items), value, value.dtype), []
@@ -557,7 +603,7 @@ def _prepare(args_tree):
             value, items = _effective(_binding(i, value, items), value, value.dtype), []
         vals.append(value)
         binds.append(_binding(i, value, items, _arg_module(l.module)) if items else None)
-    return vals, binds, treedef
+    return vals, binds, treedef, attention
 
 
 def _arg_module(module: str) -> str:
@@ -595,6 +641,22 @@ def _check_orientation(uses: dict) -> None:
             )
 
 
+def _with_attention_hooks(fn, attention):
+    """``fn`` as ``hooked(arrays, *args, **kwargs)``: with ``"attention"``-route prompt adapters
+    (adaption prompt), ``fn`` runs inside the spec's `run_hooked` (a flax method interceptor
+    around each targeted attention module), given the adapters' ``arrays``, which enter the
+    trace as inputs so that they are differentiated like any adapter array."""
+    if not attention:
+        return lambda arrays, *a, **k: fn(*a, **k)
+
+    def hooked(arrays, *a, **k):
+        spec = attention[0][1]
+        targets = [(m, s, x) for (m, s, _), x in zip(attention, arrays, strict=True)]
+        return spec.run_hooked(targets, fn, a, k)
+
+    return hooked
+
+
 def _scale_of(spec: Spec):
     if spec.layout.stack:
         return spec.scale_array().reshape(spec.layout.stack_shape(spec.shape))
@@ -622,30 +684,36 @@ def apply(fn, *, rng: jax.Array | None = None):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        vals, binds, treedef = _prepare((args, kwargs))
+        vals, binds, treedef, attention = _prepare((args, kwargs))
+        hooked = _with_attention_hooks(fn, attention)
         if not any(b is not None for b in binds):
             a, k = jax.tree_util.tree_unflatten(treedef, vals)
-            return fn(*a, **k)
+            return hooked([a for _, _, a in attention], *a, **k)
         dyn_idx = [i for i, v in enumerate(vals) if _is_array(v)]
         static = list(vals)
 
         out_info: dict = {}
+        n_dyn = len(dyn_idx)
 
         def flat_fn(*dyn):
             full = list(static)
-            for i, d in zip(dyn_idx, dyn, strict=True):
+            for i, d in zip(dyn_idx, dyn[:n_dyn], strict=True):
                 full[i] = d
             a, k = jax.tree_util.tree_unflatten(treedef, full)
             # Non-array outputs (strings, None, ints...) are kept out of the trace and put back.
-            leaves, out_info["tree"] = jax.tree_util.tree_flatten(fn(*a, **k))
+            leaves, out_info["tree"] = jax.tree_util.tree_flatten(hooked(dyn[n_dyn], *a, **k))
             out_info["static"] = [_ARRAY if _is_array(x) else x for x in leaves]
             return [x for x in leaves if _is_array(x)]
 
         dyn = [vals[i] for i in dyn_idx]
-        closed = jax.make_jaxpr(flat_fn)(*dyn)
+        # the attention-route arrays enter the trace as inputs (never as constants: grads)
+        extra = [a for _, _, a in attention]
+        closed = jax.make_jaxpr(flat_fn)(*dyn, extra)
         arg_tags = [
             _Tag(binds[i], vals[i].dtype) if binds[i] is not None else None for i in dyn_idx
         ]
+        arg_tags += [None] * len(jax.tree_util.tree_leaves(extra))
+        dyn = dyn + jax.tree_util.tree_leaves(extra)
         interp = _Interp(rng)
         outs = iter(interp.run(closed.jaxpr, closed.consts, dyn, arg_tags))
         _check_orientation(interp.uses)

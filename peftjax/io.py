@@ -106,6 +106,7 @@ from .methods import (
     DERIVED,
     METHODS,
     PEFT_TYPES,
+    PROMPT,
     Spec,
     config_from_dict,
     method_named,
@@ -115,6 +116,10 @@ from .methods import (
 from .node import is_adapted
 from .sharding import place, put_like
 from .transforms import inject
+
+#: PEFT's key prefix of a prompt-learning model's `modules_to_save` copies (its ``base_model``
+#: is the transformers model itself, with no tuner wrapper around it)
+PROMPT_PREFIX = "base_model."
 
 __all__ = [
     "CONFIG_NAME",
@@ -274,12 +279,24 @@ def _collect(
 
     all_leaves = walk(params)[0]
     by_module = group_modules(all_leaves)
+    # PEFT keys a prompt-learning model's `modules_to_save` copies `base_model.<module>...`
+    prompt = any(
+        is_adapted(l.value) and name in l.value.names and l.value.spec(name).role == PROMPT
+        for l in all_leaves
+    )
+    copy_prefix = PROMPT_PREFIX if prompt else PREFIX
     for leaf in all_leaves:
         node = leaf.value
         if not is_adapted(node) or name not in node.names:
             continue
         spec, arrays = node.spec(name), node.arrays[name]
         where = ".".join(leaf.names)
+        if spec.role == PROMPT:  # its own keys (the spec's `file_tensors`)
+            pm = map_key(key_map, leaf.module, None)
+            entries.append(_Entry(pm, leaf.module, None, spec))
+            for k, v in spec.file_tensors(arrays, pm).items():
+                put(k, v, where)
+            continue
         if _writes_base(spec, leaf, save_embedding_layers):
             if spec.layout.stack:
                 raise FormatError(
@@ -309,7 +326,7 @@ def _collect(
             for i, ai in enumerate(per_layer):
                 pm = map_key(key_map, leaf.module, i if st else None)
                 rule = L.leaf_rule(leaf.name, ai.shape)
-                put(f"{PREFIX}{pm}.{mid}{tname}", rule.to_torch(ai), where)
+                put(f"{copy_prefix}{pm}.{mid}{tname}", rule.to_torch(ai), where)
                 if spec.method in METHODS:  # a method's own copy (LN tuning): its modules
                     entries.append(_Entry(pm, leaf.module, i if st else None, spec))
                 else:
@@ -356,6 +373,8 @@ def config_from_specs(entries: list[_Entry], copies: list[str]) -> AdapterConfig
     methods = {e.spec.method for e in entries}
     if len(methods) > 1:
         raise ConfigError(f"the adapter mixes methods {sorted(methods)}; PEFT has one per adapter.")
+    if entries[0].spec.role == PROMPT:  # a prompt adapter keeps its whole config
+        return entries[0].spec.config.file_config(entries[0].spec)
     common: dict[str, Any] = dict(
         target_modules=sorted({e.peft_path for e in entries}),
         modules_to_save=sorted(set(copies)) or None,
@@ -371,6 +390,9 @@ def _check_config(config: AdapterConfig, entries: list[_Entry]) -> None:
         raise ConfigError(
             f"`config` is a {type(config).__name__} but the adapter is {sorted(methods)}."
         )
+    if entries and entries[0].spec.role == PROMPT:
+        entries[0].spec.check_config(config)
+        return
     targets = config.target_modules
     for e in entries:
         if e.spec.file_parameter() is not None:  # PEFT's `target_parameters` rule
@@ -781,6 +803,9 @@ def load_pretrained(
     key_map = key_map or stacked_key_map()
     files = _read_dir(_adapter_dir(path, name))
     _check_float(files)
+    if files.config.route is not None:  # prompt learning: bare keys, read by the spec
+        kw = dict(layouts=layouts, dtype=dtype, activate=activate, trainable=bool(is_trainable))
+        return _load_prompt(params, files, name, key_map, strict, **kw)
     plan = _plan_load(params, files, key_map, layouts, strict)
     new, concrete = _inject_shapes(
         params,
@@ -792,6 +817,57 @@ def load_pretrained(
         trainable=bool(is_trainable),
     )
     return _build_load(params, new, concrete, plan, files, name, dtype, strict)
+
+
+def _load_prompt(params, files: _Files, name, key_map, strict, *, dtype, **kw):
+    """`load_pretrained` of a prompt-learning adapter: `inject` its config (as
+    ``inference_mode=True``: no init reads anything, e.g. a multitask source checkpoint), then
+    take every spec's arrays from the file (its `arrays_from_file`, with the loaded spec:
+    PEFT's file holds the encoder's output) and the ``modules_to_save`` copies from
+    ``base_model.<module>.<param>``."""
+    config = dataclasses.replace(files.config, inference_mode=True)
+    try:
+        new = inject(params, config, key=jax.random.key(0), name=name, dtype=dtype, **kw)
+    except PeftJaxError as e:
+        raise type(e)(f"`{files.dir / CONFIG_NAME}`: {e}") from None
+    tensors, used = files.tensors, set()
+    leaves, treedef = walk(new)
+    out = []
+    for leaf in leaves:
+        node = leaf.value
+        if is_adapted(node) and name in node.names:
+            spec = node.spec(name)
+            pm = map_key(key_map, leaf.module, None)
+            if spec.role == PROMPT:
+                spec = spec.loaded_spec()
+                try:
+                    arrays = spec.arrays_from_file(tensors, pm, used, dtype)
+                except PeftJaxError as e:
+                    raise type(e)(f"`{files.dir / WEIGHTS_NAME}`: {e}") from None
+                node = _with_spec(node, name, spec)
+            elif spec.role == COPY:
+                k = f"{PROMPT_PREFIX}{pm}.{torch_name(leaf.name)}"
+                if k not in tensors:
+                    raise FormatError(
+                        f"`{files.dir / WEIGHTS_NAME}` lacks `{k}`, the `modules_to_save` copy "
+                        f"of `{leaf.module}` that the config implies."
+                    )
+                shape = tuple(node.base.shape)
+                val = _from_file(k, tensors[k], L.leaf_rule(leaf.name, shape), shape)
+                used.add(k)
+                arrays = {"weight": jnp.asarray(val, node.base.dtype)}
+            else:
+                arrays = node.arrays[name]
+            node = node.replace(arrays={**node.arrays, name: arrays})
+            leaf = dataclasses.replace(leaf, value=node)
+        out.append(leaf.value)
+    left = sorted(set(tensors) - used)
+    if strict and left:
+        raise FormatError(
+            f"`{files.dir / WEIGHTS_NAME}`: {len(left)} key(s) do not fit the "
+            f"{files.config.peft_type} config ({type(files.config).__name__}): {left[:20]}"
+        )
+    return place(jax.tree_util.tree_unflatten(treedef, out))
 
 
 @dataclasses.dataclass

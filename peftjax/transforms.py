@@ -40,7 +40,7 @@ from .errors import (
     TargetError,
 )
 from .layout import Layout, LayoutSpec
-from .methods import COPY, DERIVED, Spec, modules_to_save_spec
+from .methods import COPY, DERIVED, PROMPT, Spec, modules_to_save_spec
 from .node import Adapted, is_adapted
 from .sharding import abstract_like, place, place_node
 
@@ -317,6 +317,8 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         if is_adapted(l.value):
             for n, s in l.value.specs:
                 existing.setdefault(n, []).append((l.module, s))
+    # a planner that resolved fields from the tree hands back the config to build from
+    config = next((p.config for p in plan if p.config is not None), config)
     specs = config.module_specs_beside(
         [(p.module, p.layout, tuple(p.weight.base.shape), p.mask) for p in weights], existing
     )
@@ -598,6 +600,7 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
             "would act through the base weights; `pj.enable_adapters` first (`pj.merge_and_unload` "
             "merges the active adapters of disabled params, as PEFT's does)."
         )
+    _refuse_prompt_merge(leaves, names)
     _warn_merged(leaves, names)
     groups = group_modules(leaves)
     out = []
@@ -617,6 +620,20 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
             l = dataclasses.replace(l, value=node)
         out.append(l)
     return rebuild(treedef, out)
+
+
+def _refuse_prompt_merge(leaves, names) -> None:
+    """Prompt-learning adapters act on activations: there is no weight to fold them into (PEFT
+    has no merge for them either)."""
+    for node in adapted_nodes(leaves):
+        for n, spec in node.specs:
+            if n in names and spec.role == PROMPT:
+                raise MergeError(
+                    f"adapter {n!r} is {spec.method}, a prompt-learning method: it acts on the "
+                    "activations (virtual tokens, attention keys and values), not on a weight, so "
+                    "it cannot be merged (PEFT refuses as well). Merge the other adapters by name "
+                    "(`pj.merge(params, names=[...])`), or `pj.unload` / `pj.delete` it."
+                )
 
 
 def _keep_sharding(node: Adapted, l: Leaf) -> Adapted:

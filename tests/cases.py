@@ -233,6 +233,65 @@ BY_NAME = {c.name: c for c in CASES}
 assert len(BY_NAME) == len(CASES)
 
 
+def _prompt_cases() -> list[Case]:
+    """The methods that act on activations (`peftjax.methods.prompt`), each variant on
+    transformers' Flax Llama (tree ``flax_llama``: the prompt fixtures' tiny Llama, built by
+    ``tests/test_prompt.py``): they need a real model, not the weight trees above, and they do
+    not merge, so the generic weight invariants do not apply; ``tests/test_prompt.py`` runs the
+    prompt invariants (purity, partition, training, files, checkpoints, mesh) over these rows."""
+    T = dict(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    return [
+        Case("prompt_tuning-random", pj.PromptTuningConfig(**T), "flax_llama"),
+        Case(
+            "prompt_tuning-text",
+            pj.PromptTuningConfig(
+                **T,
+                prompt_tuning_init="TEXT",
+                prompt_tuning_init_text="Classify:",
+                tokenizer_name_or_path="tiny-llama",
+                prompt_tuning_init_ids=[5, 9],
+            ),
+            "flax_llama",
+        ),
+        Case("p_tuning-mlp", pj.PromptEncoderConfig(**T, encoder_hidden_size=16), "flax_llama"),
+        Case(
+            "p_tuning-lstm",
+            pj.PromptEncoderConfig(
+                **T,
+                encoder_reparameterization_type="LSTM",
+                encoder_hidden_size=8,
+                encoder_num_layers=2,
+                encoder_dropout=0.1,
+            ),
+            "flax_llama",
+        ),
+        # the tiny Llama has 2 KV heads for 4 query heads (the other sizes are read from the tree)
+        Case(
+            "prefix_tuning-plain", pj.PrefixTuningConfig(**T, num_attention_heads=2), "flax_llama"
+        ),
+        Case(
+            "prefix_tuning-projection",
+            pj.PrefixTuningConfig(
+                **T, num_attention_heads=2, prefix_projection=True, encoder_hidden_size=16
+            ),
+            "flax_llama",
+        ),
+        Case(
+            "multitask_prompt_tuning-3tasks",
+            pj.MultitaskPromptTuningConfig(**T, num_tasks=3, num_ranks=2),
+            "flax_llama",
+        ),
+        Case(
+            "adaption_prompt-2layers",
+            pj.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
+            "flax_llama",
+        ),
+    ]
+
+
+PROMPT_CASES = _prompt_cases()
+
+
 def rows(*, method: str | None = None, tree: str | None = None) -> list[Case]:
     """The cases of one method (``config.method``) and / or one tree family."""
     return [

@@ -266,6 +266,24 @@ def test_demo_trains_merges_and_saves(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_demo_trains_prompt_methods(tmp_path, method):
+    """`peftjax demo --method prompt_tuning` / `prefix_tuning`: the loss falls, nothing merges,
+    and PEFT's files are written."""
+    from peftjax.demo import run
+
+    lines = []
+    res = run(
+        method=method, steps=30, batch=8, seq=32, out=str(tmp_path / "a"), print_fn=lines.append
+    )
+    assert res["loss_after"] < res["loss_before"] - 0.3 and res["moved"] > 0.1
+    assert res["merged"] is None and any("does not merge" in l for l in lines)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == method.upper()
+    assert set(load_file(tmp_path / "a" / "adapter_model.safetensors")) == {"prompt_embeddings"}
+
+
 def test_merge_lora_embedding_checkpoint(tmp_path):
     """An embedding LoRA (no transpose) merges like PEFT's merge_and_unload."""
     case = "lora_embedding"

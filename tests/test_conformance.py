@@ -6,12 +6,12 @@ import pytest
 
 import peftjax as pj
 from peftjax.methods import METHODS, config_from_dict, method_named
-from tests.cases import CASES
+from tests.cases import CASES, PROMPT_CASES
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_registered_method_has_cases(name):
-    have = sorted({c.config.method for c in CASES})
+    have = sorted({c.config.method for c in CASES + PROMPT_CASES})
     assert name in have, f"method {name!r} is registered but tests/cases.py has no case for it"
 
 
@@ -27,7 +27,7 @@ def test_registry_row(name):
     for n, f in m.api.items():
         assert getattr(pj, n) is f
     # every case of the method round-trips through PEFT's dict form, by peft_type
-    for c in (c for c in CASES if c.config.method == name):
+    for c in (c for c in CASES + PROMPT_CASES if c.config.method == name):
         assert config_from_dict(c.config.to_dict()) == c.config
 
 

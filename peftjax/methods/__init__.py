@@ -1,7 +1,9 @@
 """The method registry: one row per method, and the only thing generic code asks about methods.
 
 Each method lives in one module of this package (`lora`, `loha`, `lokr`, `oft`, `vera`,
-`adalora`, `ia3`, `ln_tuning`), which holds everything about it: its config class (PEFT's field
+`adalora`, `ia3`, `ln_tuning`, and the methods that act on activations, `prompt_tuning`,
+`p_tuning`, `prefix_tuning`, `multitask_prompt_tuning`, `adaption_prompt`, whose shared part is
+`prompt`), which holds everything about it: its config class (PEFT's field
 names, defaults, validation, how a module's spec is made from it and how it is rebuilt from
 specs), its `Spec` (init, delta, merge / unmerge, forward rules for dense, conv and embedding
 uses, PEFT file rules, which arrays are parameters and which never train). `inject`, `merge`,
@@ -23,13 +25,18 @@ from ..config import AdapterConfig, fail
 from ..errors import ConfigError
 from ..layout import Layout
 from .adalora import API as ADALORA_API, AdaLoraConfig, AdaLoraSpec
-from .base import COPY, DELTA, DERIVED, Spec
+from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptSpec
+from .base import COPY, DELTA, DERIVED, PROMPT, Spec
 from .ia3 import IA3BiasSpec, IA3Config, IA3Spec
 from .ln_tuning import LN_INFIX, CopySpec, LNTuningConfig
 from .loha import LoHaConfig, LoHaSpec
 from .lokr import LoKrConfig, LoKrSpec, factorization
 from .lora import LoraConfig, LoraSpec
+from .multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningSpec
 from .oft import OFTConfig, OFTSpec
+from .p_tuning import PromptEncoderConfig, PromptEncoderSpec
+from .prefix_tuning import PrefixTuningConfig, PrefixTuningSpec
+from .prompt_tuning import PromptTuningConfig, PromptTuningSpec
 from .vera import VERA_A_KEY, VERA_B_KEY, VeraConfig, VeraSpec
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "DELTA",
     "DERIVED",
     "METHODS",
+    "PROMPT",
     "PEFT_TYPES",
     "Method",
     "Spec",
@@ -67,6 +75,9 @@ class Method:
       whole_infix: PEFT's key infix of those copies.
       shared_keys: full file keys of adapter-wide arrays (not under a module path), e.g.
         VeRA's ``base_model.vera_A``.
+      adapter_keys: the bare file keys of a prompt-learning method (PEFT saves them with no
+        module path: ``prompt_embeddings``...); its files are read and written by its spec
+        (`peftjax.methods.prompt.PromptSpec`), not by module.
       api: public functions of the method that ``peftjax`` exports by name (e.g. a method's
         training-time functions).
       demos: ``{demo name: (config factory (rank) -> config, uses the rank, learning rate)}``
@@ -82,6 +93,7 @@ class Method:
     whole_modules: bool = False
     whole_infix: str | None = None
     shared_keys: tuple[str, ...] = ()
+    adapter_keys: tuple[str, ...] = ()
     api: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     demos: Mapping[str, tuple[Callable[[int], AdapterConfig], bool, float]] = dataclasses.field(
         default_factory=dict
@@ -210,6 +222,61 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
                 adapts=("dense",),
                 key_suffixes=("vera_lambda_b", "vera_lambda_d"),
                 shared_keys=(VERA_A_KEY, VERA_B_KEY),
+            ),
+            Method(
+                "prompt_tuning",
+                PromptTuningConfig,
+                (PromptTuningSpec,),
+                adapts=("embed",),
+                key_suffixes=(),
+                adapter_keys=("prompt_embeddings",),
+                demos={
+                    "prompt_tuning": (
+                        lambda r: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+                        False,
+                        3e-2,
+                    )
+                },
+            ),
+            Method(
+                "p_tuning",
+                PromptEncoderConfig,
+                (PromptEncoderSpec,),
+                adapts=("embed",),
+                key_suffixes=(),
+                adapter_keys=("prompt_embeddings",),
+            ),
+            Method(
+                "prefix_tuning",
+                PrefixTuningConfig,
+                (PrefixTuningSpec,),
+                adapts=("embed",),
+                key_suffixes=(),
+                adapter_keys=("prompt_embeddings",),
+                demos={
+                    "prefix_tuning": (
+                        lambda r: PrefixTuningConfig(
+                            task_type="CAUSAL_LM", num_virtual_tokens=8, num_attention_heads=4
+                        ),
+                        False,
+                        3e-2,
+                    )
+                },
+            ),
+            Method(
+                "multitask_prompt_tuning",
+                MultitaskPromptTuningConfig,
+                (MultitaskPromptTuningSpec,),
+                adapts=("embed",),
+                key_suffixes=(),
+                adapter_keys=("prompt_embeddings", "prefix_task_cols", "prefix_task_rows"),
+            ),
+            Method(
+                "adaption_prompt",
+                AdaptionPromptConfig,
+                (AdaptionPromptSpec,),
+                adapts=("dense",),
+                key_suffixes=("adaption_prompt", "adaption_gate"),
             ),
             Method(
                 "ln_tuning",

@@ -51,7 +51,10 @@ Arrays = dict[str, Any]
 #: `Spec.role` values. ``delta``: the adapter changes its weight through the method's rules.
 #: ``copy``: a copy of the leaf that replaces it while active (LN tuning, ``modules_to_save``).
 #: ``derived``: no arrays of its own; the leaf follows the adapter of a sibling leaf (`owner`).
-DELTA, COPY, DERIVED = "delta", "copy", "derived"
+#: ``prompt``: a prompt-learning adapter (`peftjax.methods.prompt`): its arrays act on the
+#: activations (virtual tokens, a KV prefix, a gated attention), never on the weight it sits on,
+#: which stays the base value; it cannot merge.
+DELTA, COPY, DERIVED, PROMPT = "delta", "copy", "derived", "prompt"
 
 #: Axis roles of `Spec.sharding_roles` (see `peftjax.sharding`): the base weight's matrix-view
 #: input / output axis, and the adapter rank (replicated unless a ``rank_axis`` is asked for).
