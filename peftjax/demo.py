@@ -73,6 +73,14 @@ class Attention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d)
         return dense("o_proj")(out)
 
+    def adaption_queries(self, x, prefix=None):
+        """The rotated queries ``[B, S, H, d]`` of ``__call__`` (adaption prompt's protocol,
+        `peftjax.methods._adaption_forward`)."""
+        b, t, d = x.shape
+        n_pre = 0 if prefix is None else prefix[0].shape[1]
+        q = x @ self.variables["params"]["q_proj"]["kernel"]
+        return _rope(q.reshape(b, t, self.heads, d // self.heads), offset=n_pre)
+
 
 class Block(nn.Module):
     heads: int

@@ -728,3 +728,31 @@ def test_virtual_token_lookup_never_copies_the_table():
                     yield from sizes(sub)
 
         assert max(sizes(jaxpr.jaxpr)) < vocab * d
+
+
+def test_adaption_prompt_on_a_linen_llama_style_model():
+    """A linen attention with q/k/v/o projections and `adaption_queries` (peftjax's demo model):
+    a fresh adapter (gate 0) is the base model; a trained one moves the outputs."""
+    from peftjax.demo import Model
+
+    model = Model(11)
+    ids = jnp.array([[1, 2, 3, 4], [4, 3, 2, 1]])
+    params = model.init(jax.random.key(0), ids)
+    cfg = pj.AdaptionPromptConfig(adapter_len=3, adapter_layers=2)
+    p = pj.inject(params, cfg, key=1)
+    assert pj.targeted_modules(p) == [
+        "model.layers_2.self_attn.q_proj",
+        "model.layers_3.self_attn.q_proj",
+    ]
+    fwd = jax.jit(pj.apply(model.apply))
+    base = model.apply(params, ids)
+    np.testing.assert_allclose(fwd(p, ids), base, atol=1e-5)  # jit vs eager rounding
+    t, f = pj.partition(p)
+    loss = lambda t: optax.softmax_cross_entropy_with_integer_labels(
+        fwd(pj.combine(t, f), ids), ids
+    ).mean()
+    g = jax.grad(loss)(t)
+    gates = [a["adaption_gate"] for a in _prompt_arrays(pj.combine(g, f)).values()]
+    assert all(float(jnp.abs(x).sum()) > 0 for x in gates)  # the gate learns from step one
+    moved = jax.tree_util.tree_map(lambda a, b: a - 0.5 * b, t, g)
+    assert float(jnp.abs(fwd(pj.combine(moved, f), ids) - base).max()) > 1e-3
