@@ -51,8 +51,8 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from .errors import LayoutError, UnsupportedModuleError
-from .methods import COPY, DERIVED, PROMPT, Spec
+from .errors import AdapterNameError, LayoutError, UnsupportedModuleError
+from .methods import COPY, DELTA, DERIVED, PROMPT, Spec
 from .node import is_adapted
 
 __all__ = ["apply"]
@@ -269,7 +269,10 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
         return None
     out_axes_shape = tuple(w.shape[d] for d in free_w)
     for i, (spec, _, _) in enumerate(b.items):
-        if not spec.factored or (spec.needs_base_output and i > 0):
+        # a mixed batch's groups never overlap on an example (one adapter each): a DoRA group
+        # sees the base output for its own examples wherever it stands in the chain
+        chained = spec.needs_base_output and i > 0 and not isinstance(spec, _Group)
+        if not spec.factored or chained:
             return None
     # x contracted dims in the order of W's input axes; free dims keep their order
     order = np.argsort(wc_w)
@@ -606,6 +609,195 @@ def _prepare(args_tree):
     return vals, binds, treedef, attention
 
 
+# ------------------------------------------------------------------------- mixed-adapter batches
+
+
+class _Group:
+    """The adapters of one module batched together (`apply`'s ``adapter_ids``): stands in a
+    binding's items for a `Spec`, with ``arrays = {"stack": each array stacked over the group's
+    adapters (plus one neutral slot, last), "slot": each example's slot}`` and the scales
+    stacked likewise. Only the factored forwards exist: a mixed batch has no single effective
+    weight."""
+
+    role = DELTA
+    factored = True
+
+    def __init__(self, spec: Spec, names: tuple[str, ...], module: str):
+        self.spec, self.names, self.module = spec, names, module
+        self.layout, self.layer_shape, self.in_out = spec.layout, spec.layer_shape, spec.in_out
+        self.method = spec.method
+        self.needs_base_output = spec.needs_base_output
+
+    def fusable(self, training):
+        return False
+
+    conv_factored = False
+
+    @property
+    def gather_factored(self):
+        return self.spec.gather_factored
+
+    def _split(self, arrays):
+        return arrays["stack"], arrays["slot"]
+
+    def linear_forward(self, x2, y2, arrays, w2, scale, rng):
+        stack, slot = self._split(arrays)
+        n = slot.shape[0]
+        if x2.shape[0] % n:
+            raise UnsupportedModuleError(
+                f"module `{self.module}`: a mixed-adapter batch of {n} examples, but the weight "
+                f"is applied to {x2.shape[0]} rows, not a multiple of {n}: `adapter_ids` need "
+                "the batch axis to lead the module's input."
+            )
+        x3 = x2.reshape(n, -1, x2.shape[-1])
+        y3 = y2.reshape(n, -1, y2.shape[-1])
+        y = self.spec.mixed_forward(x3, y3, stack, slot, w2, scale, rng)
+        # examples of other groups (or the base) keep the output so far exactly: some rules
+        # (IA3 on inputs) recompute the output from the base rather than add to it
+        neutral = next(iter(stack.values())).shape[0] - 1
+        return jnp.where((slot == neutral)[:, None, None], y3, y).reshape(y2.shape)
+
+    def gathered_forward(self, gather, y, arrays, scale):
+        stack, slot = self._split(arrays)
+        if y.ndim < 2 or y.shape[0] != slot.shape[0]:
+            raise UnsupportedModuleError(
+                f"module `{self.module}`: a mixed-adapter batch of {slot.shape[0]} examples, but "
+                f"the embedding lookup gives rows of shape {list(y.shape)}: `adapter_ids` need "
+                "the batch axis to lead the ids."
+            )
+        return self.spec.mixed_gathered_forward(gather, y, stack, slot, scale)
+
+    def merge_layer(self, w32, arrays, scale):
+        raise UnsupportedModuleError(
+            f"module `{self.module}`: in a mixed-adapter batch (`adapter_ids`) its weight is used "
+            "other than as a matmul or an embedding lookup (a transposed or sliced weight, a "
+            "convolution, a custom_vjp...), where each example would need its own effective "
+            f"weight; run adapters {list(self.names)} one at a time (`pj.set_active`) instead."
+        )
+
+    unmerge_layer = merge_layer
+
+
+def _mixed_ids(ids, names: tuple[str, ...]):
+    """``adapter_ids`` as an int32 array of indices into ``names`` (``-1``: the base model).
+    Names (or ``None``) are checked here; an int array may be traced (any mix, one compile)."""
+    if isinstance(ids, (list, tuple)) and all(i is None or isinstance(i, str) for i in ids):
+        unknown = sorted({i for i in ids if i is not None and i not in names})
+        if unknown:
+            raise AdapterNameError(
+                f"adapter_ids: unknown adapter(s) {unknown}; the params carry {list(names)} "
+                "(use None for the base model)."
+            )
+        if not ids:
+            raise ValueError("adapter_ids: empty; give one adapter name (or None) per example.")
+        return jnp.asarray([-1 if i is None else names.index(i) for i in ids], jnp.int32)
+    if isinstance(ids, str):
+        raise TypeError(
+            f"adapter_ids={ids!r}: give one name per example (a list), not a single string; "
+            "for one adapter on the whole batch use `pj.set_active`."
+        )
+    arr = ids if isinstance(ids, jax.Array) else np.asarray(ids)
+    if arr.ndim != 1 or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(
+            "adapter_ids: expected a list of adapter names (None for the base) or a 1-D integer "
+            f"array of indices into pj.adapter_names(params) (-1 for the base), got {arr.dtype} "
+            f"of shape {list(arr.shape)}."
+        )
+    if not isinstance(arr, jax.core.Tracer):
+        bad = np.asarray(arr)
+        bad = bad[(bad < -1) | (bad >= len(names))]
+        if bad.size:
+            raise AdapterNameError(
+                f"adapter_ids: index {int(bad[0])} is out of range: the params carry "
+                f"{len(names)} adapter(s) {list(names)} (-1 is the base model)."
+            )
+    return jnp.asarray(arr, jnp.int32)
+
+
+def _prepare_mixed(args_tree, adapter_ids):
+    """`_prepare` for a mixed batch: every loaded (unmerged) adapter of a module enters its
+    binding, grouped by `Spec.mixed_key`, with each example's slot looked up from its id."""
+    from ._tree import walk
+    from .transforms import adapter_names
+
+    names = adapter_names(args_tree)
+    if not names:
+        raise AdapterNameError("adapter_ids: the arguments carry no adapter.")
+    leaves, treedef = walk(args_tree)
+    for l in leaves:
+        node = l.value
+        if is_adapted(node) and node.merged:
+            raise UnsupportedModuleError(
+                f"module `{_arg_module(l.module)}`: adapters {list(node.merged)} are merged into "
+                "the weight; a mixed-adapter batch needs them unmerged (`pj.unmerge`), as PEFT's "
+                "`adapter_names=` does."
+            )
+        if is_adapted(node):
+            for name, spec in node.specs:
+                if spec.role != DELTA or not spec.factored:
+                    raise UnsupportedModuleError(
+                        f"module `{_arg_module(l.module)}`: adapter `{name}` ({spec.method}) "
+                        "cannot be batched with others by `adapter_ids` ("
+                        + (
+                            "a prompt-learning method changes the inputs, not the weights"
+                            if spec.role == PROMPT
+                            else "it scales the layer's bias with its output, which a mixed "
+                            "batch cannot do per example"
+                            if spec.role == DERIVED
+                            else "it replaces the weight rather than adding a factored term"
+                            if spec.role == COPY
+                            else "it has no factored forward on this weight"
+                        )
+                        + "); batch LoRA, DoRA, IA3, LoKr, LoHa, VeRA... adapters, or run it "
+                        "alone with `pj.set_active`."
+                    )
+    ids = _mixed_ids(adapter_ids, names)
+    index = {n: i for i, n in enumerate(names)}
+    vals, binds = [], []
+    for i, l in enumerate(leaves):
+        node = l.value
+        if not is_adapted(node) or node.disabled or not node.specs:
+            vals.append(node.base if is_adapted(node) else node)
+            binds.append(None)
+            continue
+        module = _arg_module(l.module)
+        groups: dict = {}
+        for name, spec in node.specs:
+            groups.setdefault(spec.mixed_key(), []).append((name, spec))
+        items = []
+        for members in groups.values():
+            specs = tuple(s for _, s in members)
+            arrs = []
+            for name, spec in members:
+                full = spec.expand(node.arrays[name])
+                arrs.append(spec.mixed_pad(full, specs))
+            ax = specs[0].layout.stack  # the stack axes lead; the group's slots come next
+            shapes = {tuple((k, v.shape) for k, v in sorted(a.items())) for a in arrs}
+            if len(shapes) != 1:
+                raise UnsupportedModuleError(
+                    f"module `{module}`: adapters {[n for n, _ in members]} "
+                    f"({specs[0].method}) have arrays of different shapes {sorted(shapes)}, "
+                    "which a mixed-adapter batch cannot stack."
+                )
+            arrs.append(specs[0].mixed_neutral(arrs[0]))
+            stack = {k: jnp.stack([a[k] for a in arrs], axis=ax) for k in arrs[0]}
+            scales = [_scale_of(s) for s in specs]
+            scales.append(jnp.zeros_like(scales[0]))
+            scale = jnp.stack(scales, axis=-1)
+            lut = np.full(len(names) + 1, len(members), np.int32)  # position 0: id -1 (base)
+            for j, (name, _) in enumerate(members):
+                lut[index[name] + 1] = j
+            slot = jnp.take(jnp.asarray(lut), ids + 1, mode="fill", fill_value=len(members))
+            slot = jnp.broadcast_to(slot, scale.shape[:-1] + slot.shape)
+            # the representative spec: LoRA's largest rank (the padded arrays' shapes)
+            rep = max(specs, key=lambda s: getattr(s, "r", 0))
+            group = _Group(rep, tuple(n for n, _ in members), module)
+            items.append((group, {"stack": stack, "slot": slot}, scale))
+        vals.append(node.base)
+        binds.append(_binding(i, node.base, items, module))
+    return vals, binds, treedef, []
+
+
 def _arg_module(module: str) -> str:
     """The module path inside its argument (``walk((args, kwargs))`` prefixes ``0.<i>.``)."""
     parts = module.split(".", 2)
@@ -663,13 +855,28 @@ def _scale_of(spec: Spec):
     return jnp.float32(spec.scaling[0])
 
 
-def apply(fn, *, rng: jax.Array | None = None):
+def apply(fn, *, rng: jax.Array | None = None, adapter_ids=None):
     """Wrap ``fn`` so that adapter-carrying arguments act as adapted weights.
 
     Args:
       fn: any JAX-traceable function, e.g. ``model.apply``, ``lambda p, ids: hf(ids, params=p)``
         or a function that rebuilds an nnx model with ``nnx.merge(graphdef, state)``.
       rng: PRNG key for adapter dropout (training). ``None`` (default): dropout off.
+      adapter_ids: a mixed-adapter batch (HF PEFT's ``adapter_names=`` forward argument):
+        example ``i`` (along the leading batch axis of the model's inputs) runs with adapter
+        ``adapter_ids[i]``, a name (``None``: the base model), whatever the active set. Or a 1-D
+        int array of indices into ``pj.adapter_names(params)`` (``-1``: the base), which may be
+        traced: one compiled function then serves any mix. Every loaded, unmerged adapter is
+        available; the adapters of a module are stacked (LoRA ranks zero-padded to the
+        largest) and each example's are gathered, so the cost is one rank-``r`` pass, not one
+        pass per adapter. Gradients reach each adapter from its own examples only. LoRA, DoRA,
+        IA3, LoKr, LoHa, VeRA, OFT...: any method with a factored forward; prompt learning,
+        LN tuning, ``modules_to_save`` and IA3 on a biased layer are refused by name.
+
+    Raises:
+      AdapterNameError: an unknown name (or an out-of-range concrete index) in ``adapter_ids``.
+      UnsupportedModuleError: a method that cannot be batched, merged adapters, or a weight
+        used other than as a matmul / lookup with ``adapter_ids``.
 
     Returns:
       A function with ``fn``'s signature. It composes with ``jit``, ``grad``, ``vmap``, remat
@@ -684,7 +891,10 @@ def apply(fn, *, rng: jax.Array | None = None):
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        vals, binds, treedef, attention = _prepare((args, kwargs))
+        if adapter_ids is None:
+            vals, binds, treedef, attention = _prepare((args, kwargs))
+        else:
+            vals, binds, treedef, attention = _prepare_mixed((args, kwargs), adapter_ids)
         hooked = _with_attention_hooks(fn, attention)
         if not any(b is not None for b in binds):
             a, k = jax.tree_util.tree_unflatten(treedef, vals)

@@ -199,6 +199,49 @@ class Spec:
         ``gather(table)`` that looks up the same ids in another ``(vocab, n)`` table."""
         raise NotImplementedError
 
+    # ---- mixed-adapter batches (`pj.apply(fn, adapter_ids=...)`) ------------------------------
+    #: spec fields that may differ among adapters batched together at one module (the
+    #: scalings always may: they enter the forward as arrays)
+    mixed_free: ClassVar[frozenset[str]] = frozenset()
+
+    def mixed_key(self) -> tuple:
+        """Specs with equal keys are batched as one group: their arrays stacked (after
+        `mixed_pad`) and each example's slice picked by its adapter id."""
+        skip = {"scaling", "initial_scaling", "layers", *self.mixed_free}
+        fields = dataclasses.fields(self)
+        kept = tuple((f.name, getattr(self, f.name)) for f in fields if f.name not in skip)
+        return (type(self), *kept)
+
+    def mixed_pad(self, arrays: Arrays, members: tuple[Spec, ...]) -> Arrays:
+        """``arrays`` (full-stack) brought to the shapes shared by the group ``members``
+        (LoRA pads ranks with zeros); the default keeps them."""
+        return arrays
+
+    def mixed_neutral(self, arrays: Arrays) -> Arrays:
+        """Arrays that, with scale ``0``, leave the output as the base's: the slot of examples
+        that run the base model (or an adapter absent at this module)."""
+        return {k: jnp.zeros_like(v) for k, v in arrays.items()}
+
+    def mixed_forward(self, x3, y3, stack: Arrays, slot, w2, scale, rng):
+        """The forward of a mixed batch on ``x3 (batch, tokens, in)``, ``y3 (batch, tokens,
+        out)``: example ``i`` runs the group's adapter ``slot[i]`` (``stack`` holds the group's
+        arrays stacked on axis 0, ``scale`` its scales). Default: `linear_forward` batched over
+        the examples with each example's arrays gathered (a batched rank-``r`` matmul for LoRA:
+        one pass, not one per adapter)."""
+        arrays = {k: jnp.take(v, slot, axis=0) for k, v in stack.items()}
+        s = jnp.take(scale, slot)
+        keys = None if rng is None else jax.random.split(rng, slot.shape[0])
+
+        def one(x, y, a, si, k):
+            return self.linear_forward(x, y, a, w2, si, k)
+
+        return jax.vmap(one)(x3, y3, arrays, s, keys)
+
+    def mixed_gathered_forward(self, gather, y, stack: Arrays, slot, scale):
+        """`gathered_forward` for a mixed batch (``y (batch, ..., n)``); ``None``: the method
+        has no factored lookup."""
+        return None
+
     def constrain(self, arrays: Arrays) -> Arrays:
         """The arrays with the method's constraint applied (PEFT rewrites them so in place
         before every forward: COFT's projection); identity for most methods. `pj.constrain`

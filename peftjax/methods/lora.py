@@ -403,6 +403,58 @@ class LoraSpec(Spec):
         y = y2.astype(acc) + (g - 1) * base_d.astype(acc) + g * lora * scale
         return jnp.where(scale != 0, y, y2.astype(acc)).astype(y2.dtype)
 
+    # ---- mixed-adapter batches ------------------------------------------------------------
+    mixed_free: ClassVar[frozenset[str]] = frozenset({"r", "init_weights"})
+
+    def mixed_pad(self, arrays, members):
+        """Ranks padded with zeros to the group's largest (``A`` columns, ``B`` rows): exact."""
+        r = max(m.r for m in members)
+        if r == self.r:
+            return arrays
+        out = dict(arrays)
+        a = arrays["lora_A"]
+        out["lora_A"] = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, r - self.r)])
+        b = arrays["lora_B"]
+        ax = self.layout.stack  # full-stack arrays: the stack axes lead, then B's rank axis
+        out["lora_B"] = jnp.pad(b, [(0, r - self.r) if i == ax else (0, 0) for i in range(b.ndim)])
+        return out
+
+    def mixed_forward(self, x3, y3, stack, slot, w2, scale, rng):
+        if not self.use_dora:
+            return super().mixed_forward(x3, y3, stack, slot, w2, scale, rng)
+        # DoRA: each adapter's column norm once (not once per example), then gathered
+        a_all = jax.vmap(self.a_matrix)(stack["lora_A"])
+        norms = jax.vmap(lambda a, b, s: _factored_col_norm(w2, a, b, s))(
+            a_all, stack["lora_B"], scale
+        )
+        g_all = stack["lora_magnitude_vector"].reshape(norms.shape) / jax.lax.stop_gradient(norms)
+        a, b = jnp.take(a_all, slot, axis=0), jnp.take(stack["lora_B"], slot, axis=0)
+        g, s = jnp.take(g_all, slot, axis=0)[:, None, :], jnp.take(scale, slot)[:, None, None]
+        keys = None if rng is None else jax.random.split(rng, slot.shape[0])
+        xd = x3.astype(a.dtype)
+        if keys is not None and self.lora_dropout > 0.0:
+            xd = jax.vmap(lambda x, k: dropout(x, self.lora_dropout, k))(xd, keys)
+        lora = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", xd, a), b)
+        acc = jnp.promote_types(y3.dtype, lora.dtype)
+        base_d = y3 if keys is None or self.lora_dropout == 0.0 else xd @ w2.astype(xd.dtype)
+        y = y3.astype(acc) + (g - 1) * base_d.astype(acc) + g * lora * s
+        return jnp.where(s != 0, y, y3.astype(acc)).astype(y3.dtype)
+
+    def mixed_gathered_forward(self, gather, y, stack, slot, scale):
+        if not self.gather_factored:
+            return None
+        a = stack["lora_A"]  # (K, vocab, r)
+        k, vocab, r = a.shape
+        rows = gather(jnp.transpose(a, (1, 0, 2)).reshape(vocab, k * r))
+        rows = rows.reshape(*rows.shape[:-1], k, r)  # (batch, ..., K, r)
+        idx = slot.reshape((-1,) + (1,) * (rows.ndim - 1))
+        mine = jnp.take_along_axis(rows, idx, axis=-2)[..., 0, :]  # (batch, ..., r)
+        b = jnp.take(stack["lora_B"], slot, axis=0)  # (batch, r, n)
+        out = jnp.einsum("b...r,brn->b...n", mine, b)
+        s = jnp.take(scale, slot).reshape((-1,) + (1,) * (out.ndim - 1))
+        acc = jnp.promote_types(y.dtype, out.dtype)
+        return (y.astype(acc) + out * s).astype(y.dtype)
+
     # ---- files and special forwards ----------------------------------------------------------
     def file_rules(self):
         kind, nsp = self.layout.kind, len(self.layout.spatial(self.shape))
