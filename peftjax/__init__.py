@@ -4,6 +4,7 @@ Adapters (every method of `peftjax.methods.METHODS`) live in the params tree; ev
 returns a new tree and leaves its input unchanged. The math and files are HF PEFT's.
 """
 
+from .arithmetic import add_weighted_adapter as add_weighted_adapter
 from .checkpoint import (
     AdapterCheckpointer as AdapterCheckpointer,
     CheckpointNotFoundError as CheckpointNotFoundError,
@@ -93,6 +94,7 @@ globals().update(_CONFIGS)
 __all__ = sorted(
     [
         "Adapted",
+        "add_weighted_adapter",
         "AdaptedArrayError",
         "AdapterCheckpointer",
         "AdapterNameTypeError",

@@ -717,10 +717,11 @@ def _mixed_ids(ids, names: tuple[str, ...]):
 def _prepare_mixed(args_tree, adapter_ids):
     """`_prepare` for a mixed batch: every loaded (unmerged) adapter of a module enters its
     binding, grouped by `Spec.mixed_key`, with each example's slot looked up from its id."""
-    from ._tree import walk
-    from .transforms import adapter_names
+    from ._tree import group_modules, walk
+    from .transforms import adapter_names, with_shared
 
     names = adapter_names(args_tree)
+    modules = None
     if not names:
         raise AdapterNameError("adapter_ids: the arguments carry no adapter.")
     leaves, treedef = walk(args_tree)
@@ -769,7 +770,12 @@ def _prepare_mixed(args_tree, adapter_ids):
             specs = tuple(s for _, s in members)
             arrs = []
             for name, spec in members:
-                full = spec.expand(node.arrays[name])
+                arrays = node.arrays[name]
+                if spec.shared_holder() is not None:  # VeRA: the shared projections
+                    if modules is None:
+                        modules = group_modules(leaves)
+                    arrays = with_shared(modules, spec, name, arrays, l.module)
+                full = spec.expand(arrays)
                 arrs.append(spec.mixed_pad(full, specs))
             ax = specs[0].layout.stack  # the stack axes lead; the group's slots come next
             shapes = {tuple((k, v.shape) for k, v in sorted(a.items())) for a in arrs}

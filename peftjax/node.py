@@ -21,6 +21,7 @@ import jax
 from jax.tree_util import GetAttrKey, register_pytree_with_keys_class
 
 from .errors import AdaptedArrayError
+from .quantize import Quantized
 
 if TYPE_CHECKING:
     from .methods.base import Spec
@@ -148,6 +149,11 @@ def is_adapted(x) -> bool:
     return isinstance(x, Adapted)
 
 
+def is_weight_node(x) -> bool:
+    """`Adapted` or `Quantized` (`peftjax.quantize`): a node that stands for one weight."""
+    return isinstance(x, (Adapted, Quantized))
+
+
 def leaves_with_paths(tree):
-    """``[(key path, leaf)]`` and the treedef, with `Adapted` nodes as leaves."""
-    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
+    """``[(key path, leaf)]`` and the treedef, with `Adapted` and `Quantized` nodes as leaves."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_weight_node)

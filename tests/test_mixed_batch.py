@@ -258,3 +258,20 @@ def test_ia3_on_a_biased_layer_refused(mlp):
         pj.apply(lambda q, x: x @ q["params"]["fc1"]["kernel"], adapter_ids=["i"])(
             p, jnp.ones((1, 12))
         )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        pj.LoHaConfig(r=2, target_modules=["q_proj", "v_proj"]),
+        pj.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),  # shared projections
+        pj.OFTConfig(r=0, oft_block_size=4, target_modules=["q_proj", "v_proj"]),
+        pj.AdaLoraConfig(r=2, target_modules=["q_proj", "v_proj"], total_step=10),
+    ],
+    ids=lambda c: type(c).__name__,
+)
+def test_other_methods(cfg):
+    p = make_llama(n_layers=1)
+    p = pj.inject(p, cfg, key=jax.random.key(0), name="x")
+    p = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(1), name="y")
+    _assert_rows(_llama_fn, randomize(p, seed=1), IDS[:3], ["x", None, "y"])
