@@ -32,6 +32,7 @@ from .errors import (
     UnsupportedModuleError as UnsupportedModuleError,
 )
 from .forward import apply as apply
+from .hotswap import hotswap as hotswap, prepare_hotswap as prepare_hotswap
 from .io import (
     inspect_adapter as inspect_adapter,
     load_pretrained as load_pretrained,
@@ -47,6 +48,13 @@ from .methods import (
 )
 from .node import Adapted as Adapted
 from .prompt import prompt_inputs as prompt_inputs
+from .quantize import (
+    Quantized as Quantized,
+    dequantize as dequantize,
+    is_quantized as is_quantized,
+    quantize as quantize,
+    quantize_array as quantize_array,
+)
 from .sharding import shardings as shardings
 from .training import (
     adapter_optimizer as adapter_optimizer,
@@ -95,6 +103,8 @@ __all__ = sorted(
     [
         "Adapted",
         "add_weighted_adapter",
+        "hotswap",
+        "prepare_hotswap",
         "AdaptedArrayError",
         "AdapterCheckpointer",
         "AdapterNameTypeError",
@@ -114,6 +124,11 @@ __all__ = sorted(
         "ShardingError",
         "shardings",
         "prompt_inputs",
+        "Quantized",
+        "dequantize",
+        "is_quantized",
+        "quantize",
+        "quantize_array",
         "TargetError",
         "UnsupportedModuleError",
         "active",

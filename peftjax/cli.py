@@ -22,6 +22,7 @@ def _demo(args) -> int:
         lr=args.lr,
         out=None if args.no_save else args.out,
         seed=args.seed,
+        quantize=args.quantize,
     )
     ok = res["loss_after"] < res["loss_before"] and res["merge_diff"] < 1e-3
     return 0 if ok else 1
@@ -73,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         + ")",
     )
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    d.add_argument(
+        "--quantize",
+        choices=["nf4", "int8"],
+        default=None,
+        help="quantize the base weights before injecting (QLoRA; default: keep them float)",
+    )
     d.add_argument("--out", default="peftjax-demo-adapter", help="where to save the adapter")
     d.add_argument("--no-save", action="store_true", help="do not save the adapter")
     d.set_defaults(func=_demo)

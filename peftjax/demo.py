@@ -221,8 +221,12 @@ def run(
     out: str | None = "peftjax-demo-adapter",
     seed: int = 0,
     print_fn=print,
+    quantize: str | None = None,
 ) -> dict:
-    """Run the demo; returns a dict of measurements (used by the tests)."""
+    """Run the demo; returns a dict of measurements (used by the tests).
+
+    ``quantize``: ``"nf4"`` or ``"int8"`` quantizes the base before injecting (QLoRA,
+    `pj.quantize`) and prints the weights' memory before and after."""
     import peftjax as pj
 
     text = load_corpus()
@@ -233,8 +237,19 @@ def run(
     k_init, k_adapter, k_drop = jax.random.split(key, 3)
     base = model.init(k_init, jnp.zeros((1, seq), jnp.int32))
     cfg = make_config(method, rank)
-    params = pj.inject(base, cfg, key=k_adapter)
     print_fn(headline(method, rank, len(tok.chars), len(data), steps, batch, seq))
+    mem = None
+    if quantize:
+        qbase = pj.quantize(base, scheme=quantize)
+        mem = (weight_bytes(base), weight_bytes(qbase))
+        print_fn(
+            f"quantized the base ({quantize}): weights {mem[0]:,d} -> {mem[1]:,d} bytes "
+            f"({mem[0] / mem[1]:.1f}x smaller)"
+        )
+        base_for_adapter = qbase
+    else:
+        base_for_adapter = base
+    params = pj.inject(base_for_adapter, cfg, key=k_adapter)
     pj.print_trainable_parameters(params, print_fn=print_fn)
 
     lr = lr if lr is not None else demos()[method][2]
@@ -313,6 +328,7 @@ def run(
         "params": params,
         "merged": merged,
         "sample": sample,
+        "memory": mem,
     }
     if out:
         from .io import save_pretrained
@@ -321,6 +337,11 @@ def run(
         print_fn(f"adapter saved to {out}/ (adapter_model.safetensors + adapter_config.json)")
         result["out"] = out
     return result
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every array of ``params`` (a `pj.Quantized` weight: its packed arrays)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
 
 
 def generate(logits_of, tok, prompt: str, n: int, seq: int) -> str:

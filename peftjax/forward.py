@@ -54,6 +54,7 @@ from jax.extend.core import primitives as prims
 from .errors import AdapterNameError, LayoutError, UnsupportedModuleError
 from .methods import COPY, DELTA, DERIVED, PROMPT, Spec
 from .node import is_adapted
+from .quantize import Quantized, is_quantized
 
 __all__ = ["apply"]
 
@@ -100,6 +101,7 @@ def _effective(binding: _Binding, w, dtype):
     A binding's arrays are full-stack (`Spec.expand`), so the stack axes left are walked here
     with the layer rule and the binding's per-layer scales, not with `Spec.merge` (which takes
     an adapter's stored, possibly compact, arrays)."""
+    w = _dense(w)
     w32 = w.astype(jnp.float32)
     for spec, arrays, scale in binding.items:
         if binding.stack_left == 0:
@@ -113,6 +115,49 @@ def _effective(binding: _Binding, w, dtype):
                 lw, la, ls
             ).reshape(w.shape)
     return w32.astype(dtype)
+
+
+# ------------------------------------------------------------------------------ quantized weights
+# A `Quantized` base (`pj.quantize`) stays packed in the interpreter's environment: a convert
+# only changes the dtype it will decode to, and each use decodes it inside a `jax.checkpoint`
+# together with the operation that reads it (`_bind_q`), so that under `jax.grad` the residual is
+# the packed weight and the float copy is rebuilt in the backward, never held across the step.
+
+
+def _dense(v):
+    return v.dense() if is_quantized(v) else v
+
+
+def _as_dtype(q: Quantized, dtype) -> Quantized:
+    return Quantized(q.arrays, q.shape, dtype, q.scheme, q.block_size, q.double_quant)
+
+
+def _bind_q(eqn, invals):
+    """`_bind` where some inputs may be `Quantized`: decoded and used in one checkpoint."""
+    qpos = [i for i, v in enumerate(invals) if is_quantized(v)]
+    if not qpos:
+        return _bind(eqn, invals)
+    others = [None if is_quantized(v) else v for v in invals]
+
+    def use(qs, others):
+        full = list(others)
+        for i, q in zip(qpos, qs, strict=True):
+            full[i] = q.dense()
+        return _bind(eqn, full)
+
+    return jax.checkpoint(use)([invals[i] for i in qpos], others)
+
+
+#: primitives that take a `Quantized` value as it is: the handlers walk into them
+_Q_AWARE = frozenset(
+    {
+        prims.convert_element_type_p,
+        prims.jit_p,
+        prims.closed_call_p,
+        prims.remat_p,
+        prims.scan_p,
+    }
+)
 
 
 # ------------------------------------------------------------------------------------ interpreter
@@ -171,7 +216,7 @@ class _Interp:
         def materialize(v):
             """Effective value of a tagged var (W + dW, with the var's converts applied)."""
             if isinstance(v, jcore.Literal) or v not in tags:
-                return read(v)
+                return _dense(read(v))
             if v not in cache:
                 t = tags[v]
                 val = env[v]
@@ -179,14 +224,20 @@ class _Interp:
                     cache[v] = _effective(t.binding, val, t.dtype)
                 else:  # build W + dW in the weight's orientation, then view it as the value
                     inv = tuple(int(i) for i in np.argsort(t.perm))
-                    eff = _effective(t.binding, jnp.transpose(val, inv), t.dtype)
+                    eff = _effective(t.binding, jnp.transpose(_dense(val), inv), t.dtype)
                     cache[v] = jnp.transpose(eff, t.perm)
             return cache[v]
 
         for eqn in jaxpr.eqns:
             tagged = [not isinstance(v, jcore.Literal) and v in tags for v in eqn.invars]
             if not any(tagged):
-                outs = _bind(eqn, [read(v) for v in eqn.invars])
+                invals = [read(v) for v in eqn.invars]
+                if eqn.primitive in _Q_AWARE and any(map(is_quantized, invals)):
+                    res = _HANDLERS[eqn.primitive](self, eqn, read, tags, materialize)
+                    for v, (o, t) in zip(eqn.outvars, res):
+                        write(v, o, t)
+                    continue
+                outs = _bind_q(eqn, invals)
                 for v, o in zip(eqn.outvars, outs):
                     write(v, o)
                 continue
@@ -215,14 +266,19 @@ def _bind(eqn, invals):
 
 def _convert(interp, eqn, read, tags, materialize):
     (v,) = eqn.invars
-    out = eqn.primitive.bind(read(v), **eqn.params)
-    return [(out, dataclasses.replace(tags[v], dtype=out.dtype))]
+    x = read(v)
+    if is_quantized(x):  # decoded later, to this dtype
+        out = _as_dtype(x, eqn.params["new_dtype"])
+    else:
+        out = eqn.primitive.bind(x, **eqn.params)
+    tag = tags.get(v)
+    return [(out, None if tag is None else dataclasses.replace(tag, dtype=out.dtype))]
 
 
 def _transpose(interp, eqn, read, tags, materialize):
     """A transposed view of an adapted weight stays tagged (``x @ W.T`` as GPT-2's Conv1D)."""
     (v,) = eqn.invars
-    val = read(v)
+    val = _dense(read(v))
     t: _Tag = tags[v]
     axes = t.axes(val.ndim)
     out = eqn.primitive.bind(val, **eqn.params)
@@ -293,7 +349,7 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
         2-3x its floor (benchmarks/RESULTS.md, benchmarks/xla_skinny_dots.py); 2-D dots have none.
         """
         x, wv = (lhs, rhs) if rt else (rhs, lhs)
-        out = eqn.primitive.bind(lhs, rhs, **eqn.params)
+        out = _bind_q(eqn, [lhs, rhs])[0]
         free_shape = [x.shape[d] for d in x_free]
         x2 = interp.flatten(x, tuple(x_free + x_c), n_in_flat)
         if rt:  # out = (*x_free, *w_out)
@@ -305,7 +361,8 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
         w2 = None
         for spec, (arrays, scale), rng in zip(specs, arrs, rngs):
             if spec.needs_base_output and w2 is None:
-                w2 = lay.to_matrix(wv if tag.perm is None else jnp.transpose(wv, inv))
+                wd = _dense(wv)
+                w2 = lay.to_matrix(wd if tag.perm is None else jnp.transpose(wd, inv))
             y2 = spec.linear_forward(x2, y2, arrays, w2, scale, rng)
         if rt:
             y = y2.reshape(out.shape)
@@ -322,8 +379,10 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
     # In a scan body the fused form is not used: its custom JVP gives every module its own
     # residuals, which the scan then stacks (q, k and v would each keep a copy of their one
     # input for the backward); factored, the modules reading one input share one copy.
-    if interp.in_loop or not _fuse_when_not_differentiated(
-        specs, rngs, lay, tokens, n_in_flat, n_out_flat
+    if (
+        interp.in_loop
+        or is_quantized(val)
+        or not _fuse_when_not_differentiated(specs, rngs, lay, tokens, n_in_flat, n_out_flat)
     ):
         return [(factored(lhs, rhs, arrs), None)]
 
@@ -377,7 +436,7 @@ def _conv(interp: _Interp, eqn, read, tags, materialize):
         return None
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
-    w = read(rhs_v)
+    w = _dense(read(rhs_v))
     nd = w.ndim
     # the kernel must be read as the Flax layout (*spatial, in, out) the adapter was built for
     if tuple(p["dimension_numbers"].rhs_spec) != (nd - 1, nd - 2, *range(nd - 2)):
@@ -409,7 +468,7 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
             _prompt_lookup_error(b)
         return None
     dn = eqn.params["dimension_numbers"]
-    w = read(w_v)
+    w = _dense(read(w_v))
     if (
         w.ndim != 2
         or tuple(dn.collapsed_slice_dims) != (0,)
@@ -501,7 +560,8 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
     for v in xs_v:
         t = tags.get(v) if not isinstance(v, jcore.Literal) else None
         if t is not None and t.binding.stack_left >= 1 and t.perm is None:
-            xs.append(read(v))
+            # a quantized stack is decoded whole here (its blocks do not follow the layers)
+            xs.append(_dense(read(v)))
             xs_tags.append(t)
             extra.append(t.binding.slice_xs())
         else:
@@ -558,7 +618,12 @@ _ARRAY = object()  # marks an array output leaf among the kept non-array ones
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, Quantized)) or hasattr(x, "aval")
+
+
+def _traceable(dyn):
+    """``dyn`` with each `Quantized` weight as its float shape, for ``jax.make_jaxpr``."""
+    return [jax.ShapeDtypeStruct(v.shape, v.dtype) if is_quantized(v) else v for v in dyn]
 
 
 def _prepare(args_tree):
@@ -578,6 +643,8 @@ def _prepare(args_tree):
             continue
         pend = node.pending()
         value = node.base
+        if is_quantized(value) and any(s.role in (COPY, DERIVED) for _, s, _ in pend):
+            value = value.dense()  # a copy / a derived bias reads the float weight
         items = []
         for name, spec, arrays in pend:
             if spec.role == PROMPT:
@@ -902,7 +969,7 @@ def apply(fn, *, rng: jax.Array | None = None, adapter_ids=None):
         else:
             vals, binds, treedef, attention = _prepare_mixed((args, kwargs), adapter_ids)
         hooked = _with_attention_hooks(fn, attention)
-        if not any(b is not None for b in binds):
+        if not any(b is not None for b in binds) and not any(map(is_quantized, vals)):
             a, k = jax.tree_util.tree_unflatten(treedef, vals)
             return hooked([a for _, _, a in attention], *a, **k)
         dyn_idx = [i for i, v in enumerate(vals) if _is_array(v)]
@@ -924,7 +991,7 @@ def apply(fn, *, rng: jax.Array | None = None, adapter_ids=None):
         dyn = [vals[i] for i in dyn_idx]
         # the attention-route arrays enter the trace as inputs (never as constants: grads)
         extra = [a for _, _, a in attention]
-        closed = jax.make_jaxpr(flat_fn)(*dyn, extra)
+        closed = jax.make_jaxpr(flat_fn)(*_traceable(dyn), extra)
         arg_tags = [
             _Tag(binds[i], vals[i].dtype) if binds[i] is not None else None for i in dyn_idx
         ]

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from .errors import PartitionError, PeftJaxError, ShapeError
-from .node import Adapted, is_adapted
+from .node import Adapted, is_adapted, is_weight_node
 
 
 def _live(node: Adapted) -> set[str]:
@@ -44,11 +44,12 @@ def _split_node(node: Adapted):
 
 def partition(params):
     """Split into ``(trainable, frozen)``; see the module docstring."""
+    # a quantized weight (`pj.quantize`) is one frozen leaf: never in the trainable half
     t = jax.tree_util.tree_map(
-        lambda x: _split_node(x)[0] if is_adapted(x) else None, params, is_leaf=is_adapted
+        lambda x: _split_node(x)[0] if is_adapted(x) else None, params, is_leaf=is_weight_node
     )
     f = jax.tree_util.tree_map(
-        lambda x: _split_node(x)[1] if is_adapted(x) else x, params, is_leaf=is_adapted
+        lambda x: _split_node(x)[1] if is_adapted(x) else x, params, is_leaf=is_weight_node
     )
     return t, f
 
@@ -144,7 +145,7 @@ def combine(trainable, frozen):
         return f.replace(arrays=arrays)
 
     try:
-        return jax.tree_util.tree_map_with_path(join, frozen, trainable, is_leaf=is_adapted)
+        return jax.tree_util.tree_map_with_path(join, frozen, trainable, is_leaf=is_weight_node)
     except PeftJaxError:
         raise
     except (ValueError, TypeError) as err:
@@ -162,7 +163,7 @@ def trainable_mask(params):
     masked ``optax.set_to_zero()`` for the complement) when training a single full tree.
     """
     t, _ = partition(params)
-    full = jax.tree_util.tree_map(lambda x: x, params, is_leaf=is_adapted)
+    full = jax.tree_util.tree_map(lambda x: x, params, is_leaf=is_weight_node)
 
     def mark(node, tn):
         if not is_adapted(node):
@@ -176,7 +177,7 @@ def trainable_mask(params):
 
         return node.replace(base=False, arrays={n: on(n, a) for n, a in node.arrays.items()})
 
-    return jax.tree_util.tree_map(mark, full, t, is_leaf=is_adapted)
+    return jax.tree_util.tree_map(mark, full, t, is_leaf=is_weight_node)
 
 
 def _size(x) -> int:
@@ -188,7 +189,7 @@ def count_parameters(params) -> tuple[int, int]:
     all = base weights plus every adapter's arrays; trainable = active, unmerged adapters that
     are not frozen. Stacked layer slices excluded by ``layers_to_transform`` store nothing."""
     trainable = total = 0
-    for x in jax.tree_util.tree_leaves(params, is_leaf=is_adapted):
+    for x in jax.tree_util.tree_leaves(params, is_leaf=is_weight_node):  # Quantized: its shape
         if is_adapted(x):
             live = _live(x)
             total += _size(x.base)

@@ -42,6 +42,7 @@ from .errors import (
 from .layout import Layout, LayoutSpec
 from .methods import COPY, DERIVED, PROMPT, Spec, modules_to_save_spec
 from .node import Adapted, is_adapted
+from .quantize import dequantize, is_quantized, quantize_array
 from .sharding import abstract_like, place, place_node
 
 
@@ -335,10 +336,10 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
                 st = item.layout.stack if item.layout is not None else 0
                 lay = Layout("dense", stack=st if l.base.ndim > st else 0)
                 spec = config.module_spec(item.module, lay, tuple(l.base.shape), None)
-                add(l, spec, spec.init(mkey, l.base))
+                add(l, spec, spec.init(mkey, _float(l.base)))
             continue
         w, spec = item.weight, spec_of[id(item)]
-        add(w, spec, spec.init(mkey, w.base, dtype))
+        add(w, spec, spec.init(mkey, _float(w.base), dtype))
         b = bias_leaf(groups[item.module], w)
         companion = spec.bias_companion(tuple(b.base.shape), w.name) if b is not None else None
         if companion is not None:
@@ -346,8 +347,14 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
     for mod in save_paths:
         for l in subtree_leaves(groups, mod):
             spec = modules_to_save_spec(tuple(l.base.shape))
-            add(l, spec, spec.init(None, l.base))
+            add(l, spec, spec.init(None, _float(l.base)))
     return new
+
+
+def _float(base):
+    """A quantized base (`pj.quantize`) dequantized, for inits that read the weight (PiSSA,
+    OLoRA, DoRA's magnitude, copies); any other base as it is."""
+    return base.dense() if is_quantized(base) else base
 
 
 def _with_active(l: Leaf, act: tuple[str, ...]) -> Leaf:
@@ -601,6 +608,7 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
             "merges the active adapters of disabled params, as PEFT's does)."
         )
     _refuse_prompt_merge(leaves, names)
+    _refuse_quantized_merge(leaves, names)
     _warn_merged(leaves, names)
     groups = group_modules(leaves)
     out = []
@@ -634,6 +642,20 @@ def _refuse_prompt_merge(leaves, names) -> None:
                     "it cannot be merged (PEFT refuses as well). Merge the other adapters by name "
                     "(`pj.merge(params, names=[...])`), or `pj.unload` / `pj.delete` it."
                 )
+
+
+def _refuse_quantized_merge(leaves, names) -> None:
+    """`merge` keeps the base's storage, and a 4-bit / int8 base cannot hold ``W + dW`` (nor
+    give it back exactly to `unmerge`): refuse, naming the module."""
+    for l in leaves:
+        node = l.value
+        if is_adapted(node) and is_quantized(node.base) and any(n in node.names for n in names):
+            raise MergeError(
+                f"`merge`: the base weight of `{l.module}` is quantized ({node.base!r}); folding "
+                "an adapter into it could not be undone. Use `pj.merge_and_unload(params)` (a "
+                "float tree; `requantize=True` quantizes the merged weights again) or "
+                "`pj.dequantize(params)` first."
+            )
 
 
 def _keep_sharding(node: Adapted, l: Leaf) -> Adapted:
@@ -706,15 +728,58 @@ def _strip(params):
     )
 
 
-def merge_and_unload(params, names: str | Sequence[str] | None = None, *, safe: bool = False):
+def merge_and_unload(
+    params,
+    names: str | Sequence[str] | None = None,
+    *,
+    safe: bool = False,
+    requantize: bool = False,
+):
     """Merge the active (or named) adapters and return a plain tree with exactly the original
     structure, shapes and dtypes. Disabled params (`pj.disable_adapters`) merge their active
-    adapters all the same, as PEFT's ``merge_and_unload`` inside ``disable_adapter()``."""
+    adapters all the same, as PEFT's ``merge_and_unload`` inside ``disable_adapter()``.
+
+    Quantized bases (`pj.quantize`) are dequantized and merged in float32 (as PEFT's merge of a
+    bitsandbytes layer): the result is a float tree, every weight in the dtype it had before
+    quantization. With ``requantize=True`` each weight that was quantized is quantized again
+    with its scheme, block size and double quantization (QLoRA's merged 4-bit model).
+
+    >>> import jax, jax.numpy as jnp, peftjax as pj
+    >>> p = pj.quantize({"q": {"kernel": jnp.ones((64, 8))}})
+    >>> p = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q"]), key=jax.random.key(0))
+    >>> type(pj.merge_and_unload(p)["q"]["kernel"]).__name__
+    'ArrayImpl'
+    >>> pj.merge_and_unload(p, requantize=True)["q"]["kernel"].scheme
+    'nf4'
+    """
+    if not isinstance(requantize, (bool, np.bool_)):
+        raise ArgumentTypeError(f"`requantize`: expected a bool, got {requantize!r}.")
     leaves, treedef = walk(params)
     if any(node.disabled for node in adapted_nodes(leaves)):  # enabled again first
         vals = [l.value.replace(disabled=False) if is_adapted(l.value) else l.value for l in leaves]
         params = jax.tree_util.tree_unflatten(treedef, vals)
-    return _strip(merge(params, names, safe=safe))
+        leaves, treedef = walk(params)
+    quant = {}
+    for l in leaves:
+        q = l.value.base if is_adapted(l.value) else l.value
+        if is_quantized(q):
+            quant[l.index] = q
+    if quant:
+        params = dequantize(params)
+    out = _strip(merge(params, names, safe=safe))
+    if not (quant and requantize):
+        return out
+    leaves, treedef = walk(out)
+    vals = [l.value for l in leaves]
+    for i, q in quant.items():
+        vals[i] = quantize_array(
+            vals[i],
+            scheme=q.scheme,
+            block_size=q.block_size,
+            double_quant=q.double_quant,
+            where=".".join(leaves[i].names),
+        )
+    return jax.tree_util.tree_unflatten(treedef, vals)
 
 
 def unload(params):

@@ -275,3 +275,17 @@ def test_other_methods(cfg):
     p = pj.inject(p, cfg, key=jax.random.key(0), name="x")
     p = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(1), name="y")
     _assert_rows(_llama_fn, randomize(p, seed=1), IDS[:3], ["x", None, "y"])
+
+
+def test_quantized_base():
+    """A mixed batch on an NF4 base (QLoRA serving): rows equal each adapter alone."""
+    p = pj.quantize(make_llama(n_layers=1), block_size=8)
+    p = pj.inject(p, pj.LoraConfig(r=2, target_modules=ATTN), key=jax.random.key(0), name="a")
+    p = pj.inject(
+        p,
+        pj.LoraConfig(r=3, use_dora=True, target_modules=["q_proj"]),
+        key=jax.random.key(1),
+        name="b",
+    )
+    assert pj.is_quantized(p["params"]["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"])
+    _assert_rows(_llama_fn, randomize(p, seed=2), IDS[:3], ["b", None, "a"])
