@@ -17,7 +17,7 @@ deterministic) and the frozen weights' stored bytes; median / min step time of r
 rounds (warm-up excluded); and the training curve of ``--steps`` (default 200) steps of each
 from the same adapter init and the same batches: final loss, mean loss over the last 20 steps
 and its ratio to bf16's, and the largest gap between the curves (20-step moving averages).
-Run: ``python benchmarks/qlora.py [--quick] [--steps N]``.
+Run: ``python benchmarks/qlora.py [--quick] [--steps N] [--curves FILE.csv]``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--curves", default=None, help="write the loss curves to this CSV file")
     args = ap.parse_args()
     hidden, inter, layers = (256, 688, 2) if args.quick else (512, 1376, 4)
     rounds = args.rounds or (4 if args.quick else 10)
@@ -109,6 +110,7 @@ def main() -> None:
         c = curves[name]
         last = c[-20:].mean()
         gap = np.max(np.abs(smooth(c) - smooth(ref)) / smooth(ref))
+        whole = c.mean() / ref.mean()
         rows.append(
             [
                 name,
@@ -121,9 +123,15 @@ def main() -> None:
                 f"{c[0]:.3f} -> {c[-1]:.3f}",
                 f"{last:.4f}",
                 f"{last / ref[-20:].mean():.4f}",
+                f"{whole:.4f}",
                 f"{gap * 100:.2f}%",
             ]
         )
+    if args.curves:
+        with open(args.curves, "w") as f:
+            f.write("step," + ",".join(bases) + "\n")
+            for i in range(args.steps):
+                f.write(f"{i + 1}," + ",".join(f"{curves[n][i]:.5f}" for n in bases) + "\n")
     print(machine_info())
     print(
         f"demo TinyLlama hidden {hidden}, inter {inter}, {layers} layers, vocab {len(tok.chars)}; "
@@ -142,6 +150,7 @@ def main() -> None:
                 "loss first -> last",
                 "mean loss last 20",
                 "vs bf16",
+                "mean loss, all steps, vs bf16",
                 "max curve gap (20-step avg)",
             ],
             rows,

@@ -719,6 +719,8 @@ class _Group:
         x3 = x2.reshape(n, -1, x2.shape[-1])
         y3 = y2.reshape(n, -1, y2.shape[-1])
         y = self.spec.mixed_forward(x3, y3, stack, slot, w2, scale, rng)
+        if self.spec.mixed_neutral_exact:
+            return y.reshape(y2.shape)
         # examples of other groups (or the base) keep the output so far exactly: some rules
         # (IA3 on inputs) recompute the output from the base rather than add to it
         neutral = next(iter(stack.values())).shape[0] - 1

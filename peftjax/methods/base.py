@@ -204,6 +204,10 @@ class Spec:
     #: scalings always may: they enter the forward as arrays)
     mixed_free: ClassVar[frozenset[str]] = frozenset()
 
+    #: `mixed_forward` leaves the rows of the neutral slot exactly as given (LoRA adds an exact
+    #: zero there), so the generic code need not select them back
+    mixed_neutral_exact: ClassVar[bool] = False
+
     def mixed_key(self) -> tuple:
         """Specs with equal keys are batched as one group: their arrays stacked (after
         `mixed_pad`) and each example's slice picked by its adapter id."""

@@ -419,7 +419,32 @@ class LoraSpec(Spec):
         out["lora_B"] = jnp.pad(b, [(0, r - self.r) if i == ax else (0, 0) for i in range(b.ndim)])
         return out
 
+    #: up to this many stacked rank columns (adapters x rank), a mixed batch runs every
+    #: adapter's ``A`` on every token as one dense matmul and masks each token to its own
+    #: adapter's columns (fast dense matmuls); beyond, each example's ``A`` / ``B`` are gathered
+    #: and run as a batched matmul (one adapter's work per token). Measured in
+    #: benchmarks/mixed_batch.py.
+    mixed_dense_columns: ClassVar[int] = 64
+    mixed_neutral_exact: ClassVar[bool] = True  # scale 0 adds an exact 0; DoRA selects itself
+
     def mixed_forward(self, x3, y3, stack, slot, w2, scale, rng):
+        a_st, b_st = stack["lora_A"], stack["lora_B"]
+        k, r = a_st.shape[0], a_st.shape[-1]
+        if not self.use_dora and self.layout.kind != "conv" and k * r <= self.mixed_dense_columns:
+            n, t, d_in = x3.shape
+            keys = None if rng is None else jax.random.split(rng, n)
+            xd = x3.astype(a_st.dtype)
+            if keys is not None and self.lora_dropout > 0.0:
+                xd = jax.vmap(lambda x, kk: dropout(x, self.lora_dropout, kk))(xd, keys)
+            a_cat = jnp.moveaxis(a_st, 0, -2).reshape(d_in, k * r)  # (in, K*r)
+            h = (xd.reshape(n * t, d_in) @ a_cat).reshape(n, t, k, r)
+            own = jax.nn.one_hot(slot, k, dtype=h.dtype) * jnp.take(scale, slot)[:, None].astype(
+                h.dtype
+            )
+            h = h * own[:, None, :, None]
+            lora = h.reshape(n * t, k * r) @ b_st.reshape(k * r, -1)
+            acc = jnp.promote_types(y3.dtype, lora.dtype)
+            return (y3.astype(acc) + lora.reshape(y3.shape)).astype(y3.dtype)
         if not self.use_dora:
             return super().mixed_forward(x3, y3, stack, slot, w2, scale, rng)
         # DoRA: each adapter's column norm once (not once per example), then gathered
