@@ -167,6 +167,47 @@ def make_gpt2(n_embd: int = 32, n_head: int = 4, n_layer: int = 1, vocab: int = 
     return gm, params
 
 
+def tiny_llama_config(layers: int = 2, **kw):
+    """transformers' ``LlamaConfig`` of the suite's tiny FlaxLlama: vocab 64, hidden 32,
+    intermediate 64, 4 query / 2 KV heads, 64 positions (``kw`` overrides)."""
+    import transformers
+
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaConfig(**{**base, **kw})
+
+
+def random_model_params(shapes, seed: int = 0):
+    """Random float32 params of a model's param shapes (N(0, 0.1); norm weights 1 + N(0, 0.1)):
+    with ``_do_init=False``, a random model without compiling its init."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, sd):
+        x = 0.1 * rng.standard_normal(sd.shape)
+        if jax.tree_util.keystr(path).endswith("['weight']"):  # RMSNorm scales
+            x = x + 1.0
+        return jnp.asarray(x, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def make_hf_llama(layers: int = 2, seed: int = 0, **kw):
+    """``(model, params)``: a tiny transformers ``FlaxLlamaForCausalLM`` (`tiny_llama_config`)
+    with `random_model_params`."""
+    import transformers
+
+    cfg = tiny_llama_config(layers, **kw)
+    model = transformers.FlaxLlamaForCausalLM(cfg, seed=0, _do_init=False)
+    return model, random_model_params(model.params_shape_tree, seed)
+
+
 @pytest.fixture
 def llama():
     return make_llama()

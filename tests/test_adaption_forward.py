@@ -20,22 +20,13 @@ transformers = pytest.importorskip("transformers")
 
 from peftjax.errors import UnsupportedModuleError  # noqa: E402
 from peftjax.methods._adaption_forward import adapter_output, interceptor  # noqa: E402
+from tests.conftest import make_hf_llama, random_model_params  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "peft" / "prompt" / "llama_adaption_prompt"
 TARGET = ("model", "layers", "1", "self_attn")
 
 
-def _random_params(shapes, seed):
-    """Random float32 params of the model's param shapes (N(0, 0.1); norm weights 1 + N(0, 0.1))."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, sd):
-        x = 0.1 * rng.standard_normal(sd.shape)
-        if jax.tree_util.keystr(path).endswith("['weight']"):  # RMSNorm scales
-            x = x + 1.0
-        return jnp.asarray(x, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+_random_params = random_model_params
 
 
 def _logits_fn(model):
@@ -49,19 +40,10 @@ def _logits_fn(model):
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     # _do_init=False + numpy-random params: the same random model as `FlaxLlamaForCausalLM(cfg,
     # seed=0)` would be, without compiling its init (seconds on a 2-core CPU)
-    model = transformers.FlaxLlamaForCausalLM(cfg, seed=0, _do_init=False)
-    params = _random_params(model.params_shape_tree, seed=0)
+    model, params = make_hf_llama(layers=2)
+    cfg = model.config
     rng = np.random.default_rng(1)
     prompt = jnp.asarray(rng.standard_normal((1, 4, 32)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, 64, (2, 6)), jnp.int32)

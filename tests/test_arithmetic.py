@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 import peftjax as pj
 from tests.conftest import assert_unchanged, snapshot
+from tests.test_io import flax_from_torch as torch_to_flax
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "peft" / "arithmetic"
 META = json.loads((FIX / "lora_results.json").read_text())
@@ -25,19 +26,7 @@ LEAF = {"emb": "embedding"}  # every other module's weight is its `kernel`
 def flax_from_torch(sd: dict) -> dict:
     """The fixture's torch ``Tiny`` as a Flax tree (Linear ``kernel (in, out)``, Conv2d
     ``kernel (kh, kw, in, out)``, the ``emb`` table as it is)."""
-    out: dict = {}
-    for k, v in sd.items():
-        mod, p = k.rsplit(".", 1)
-        node = out.setdefault(mod, {})
-        if mod == "emb":
-            node["embedding"] = jnp.asarray(v)
-        elif v.ndim == 2:
-            node["kernel"] = jnp.asarray(v.T)
-        elif v.ndim == 4:
-            node["kernel"] = jnp.asarray(v.transpose(2, 3, 1, 0))
-        else:
-            node[p] = jnp.asarray(v)
-    return out
+    return torch_to_flax(sd, embeddings={"emb"})
 
 
 @pytest.fixture(scope="module")

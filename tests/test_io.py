@@ -57,10 +57,12 @@ STACKED = {r"model\.layers\..*": pj.Layout("dense", stack=1)}
 # ---------------------------------------------------------------------------------- helpers
 
 
-def flax_from_torch(sd: dict, prefix: str = "") -> dict:
+def flax_from_torch(sd: dict, prefix: str = "", embeddings=None) -> dict:
     """A torch ``state_dict`` as a Flax params tree with HF Flax names: Linear ``weight [out, in]``
-    -> ``kernel [in, out]``, Conv2d -> ``kernel [kh, kw, in, out]``, Embedding -> ``embedding``;
-    1-D weights (biases, RMSNorm ``weight``) unchanged."""
+    -> ``kernel [in, out]``, Conv2d -> ``kernel [kh, kw, in, out]``, Embedding (a module named
+    in ``embeddings``, default `EMBEDDINGS`) -> ``embedding``; 1-D weights (biases, RMSNorm
+    ``weight``) unchanged."""
+    embeddings = EMBEDDINGS if embeddings is None else embeddings
     out: dict = {}
     for k, v in sd.items():
         if not k.startswith(prefix):
@@ -69,7 +71,7 @@ def flax_from_torch(sd: dict, prefix: str = "") -> dict:
         node = out
         for m in mods:
             node = node.setdefault(m, {})
-        if v.ndim == 2 and mods[-1] in EMBEDDINGS:
+        if v.ndim == 2 and mods[-1] in embeddings:
             node["embedding"] = jnp.asarray(v)
         elif v.ndim == 2:
             node["kernel"] = jnp.asarray(v.T)

@@ -17,6 +17,7 @@ import peftjax as pj
 from tests.conftest import (
     STACKED_LAYOUT,
     assert_unchanged,
+    make_hf_llama,
     make_llama,
     make_stacked,
     randomize,
@@ -182,24 +183,9 @@ def test_flax_llama(hf_llama_tiny):
 
 @pytest.fixture(scope="module")
 def hf_llama_tiny():
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    fm = transformers.FlaxLlamaForCausalLM(cfg, _do_init=False)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape).astype(np.float32)),
-        fm.params_shape_tree,
-    )
-    return fm, params, jnp.array([[1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14]])
+    pytest.importorskip("transformers")
+    model, params = make_hf_llama(layers=1)
+    return model, params, jnp.array([[1, 2, 3, 4, 5, 6], [9, 10, 11, 12, 13, 14]])
 
 
 # ------------------------------------------------------------------------------------ bad input

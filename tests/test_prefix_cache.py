@@ -17,6 +17,8 @@ from peftjax.errors import ShapeError, UnsupportedModuleError
 from peftjax.methods._prefix_cache import hf_prefix_inputs, kv_layout
 
 transformers = pytest.importorskip("transformers")
+from tests.conftest import tiny_llama_config  # noqa: E402
+
 transformers.logging.set_verbosity_error()
 
 T = 3
@@ -25,16 +27,7 @@ T = 3
 # ----------------------------------------------------------------------------------- models
 @pytest.fixture(scope="module")
 def llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return _build(transformers.FlaxLlamaForCausalLM, cfg)
+    return _build(transformers.FlaxLlamaForCausalLM, tiny_llama_config(2))
 
 
 @pytest.fixture(scope="module")

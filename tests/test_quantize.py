@@ -23,7 +23,7 @@ from peftjax.errors import (
     TargetError,
 )
 from peftjax.quantize import NF4_CODE, dynamic_map
-from tests.conftest import assert_unchanged, snapshot
+from tests.conftest import assert_unchanged, make_hf_llama, snapshot
 
 FIX = Path(__file__).parent / "fixtures" / "bnb" / "nf4.safetensors"
 
@@ -387,21 +387,8 @@ def test_nnx_model():
 
 
 def test_flax_llama():
-    import transformers
-
-    from tests.test_adaption_forward import _random_params
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = transformers.FlaxLlamaForCausalLM(cfg, seed=0, _do_init=False)
-    params = _random_params(model.params_shape_tree, seed=0)
+    pytest.importorskip("transformers")
+    model, params = make_hf_llama(layers=1)
     q = pj.quantize(params)
     assert pj.is_quantized(q["model"]["layers"]["0"]["self_attn"]["q_proj"]["kernel"])
     lcfg = pj.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
