@@ -8,6 +8,7 @@ gradient of its own examples; traced int ids must serve any mix from one compila
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,11 +87,10 @@ def test_rows_equal_each_adapter_alone(llama_mixed):
 
 def test_traced_int_ids_one_compile(llama_mixed):
     names = pj.adapter_names(llama_mixed)
-    traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def serve(p, x, ids):
-        traces.append(1)
         return pj.apply(_llama_fn, adapter_ids=ids)(p, x)
 
     by_name = jax.jit(pj.apply(_llama_fn, adapter_ids=NAMES))(llama_mixed, IDS)
@@ -99,7 +99,7 @@ def test_traced_int_ids_one_compile(llama_mixed):
     other = ids[::-1]
     got = serve(llama_mixed, IDS, other)
     _close(got, jax.jit(pj.apply(_llama_fn, adapter_ids=NAMES[::-1]))(llama_mixed, IDS))
-    assert len(traces) == 1
+    chex.clear_trace_counter()
 
 
 def test_gradients_are_each_adapters_own():
