@@ -3,7 +3,8 @@
 Model: transformers' ``FlaxLlamaForCausalLM`` from `_common.llama_config` (hidden 512, inter
 1376, 4 layers, vocab 1024; ``--quick``: 2 layers), random weights, float32. A batch of 64
 requests x 32 tokens (``--quick``: 16 tokens), a prefill forward (logits). K = 1, 4, 16, 64
-LoRA adapters (r = 8 on q/k/v/o, random ``B``), request ``i`` using adapter ``i % K``.
+LoRA adapters (r = 8 on q/k/v/o, or every linear layer with ``--targets all-linear``, random
+``B``), request ``i`` using adapter ``i % K``.
 Side by side in one run, each a ``jax.jit`` function compiled before timing:
 
   * mixed: ``pj.apply(fwd, adapter_ids=ids)`` on a tree carrying all K adapters, the ids a
@@ -59,6 +60,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument(
+        "--targets", default="attention", choices=["attention", "all-linear"], help="LoRA targets"
+    )
     args = ap.parse_args()
     layers, seq = (2, 16) if args.quick else (4, 32)
     batch = 64
@@ -69,7 +73,8 @@ def main() -> None:
     model = FlaxLlamaForCausalLM(cfg, seed=0, input_shape=(1, 8))
     base = model.params
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)))
-    lora = pj.LoraConfig(r=8, lora_alpha=16, target_modules=list(ATTN))
+    targets = list(ATTN) if args.targets == "attention" else "all-linear"
+    lora = pj.LoraConfig(r=8, lora_alpha=16, target_modules=targets)
 
     def fwd(p, x):
         return model(x, params=p).logits
@@ -127,7 +132,8 @@ def main() -> None:
     print()
     print(machine_info())
     print(
-        f"FlaxLlama hidden 512, {layers} layers; batch {batch} x {seq} tokens; LoRA r=8 q/k/v/o; "
+        f"FlaxLlama hidden 512, {layers} layers; batch {batch} x {seq} tokens; LoRA r=8 "
+        f"{'q/k/v/o' if args.targets == 'attention' else 'all-linear'}; "
         f"request i uses adapter i % K; median of {rounds} rounds; base {base_t * 1e3:.1f} ms"
     )
     print(
