@@ -54,7 +54,7 @@ from jax.extend.core import primitives as prims
 from .errors import AdapterNameError, LayoutError, UnsupportedModuleError
 from .methods import COPY, DELTA, DERIVED, PROMPT, Spec
 from .node import is_adapted
-from .quantize import Quantized, is_quantized
+from .quantize import Quantized, as_float, is_quantized
 
 __all__ = ["apply"]
 
@@ -101,7 +101,7 @@ def _effective(binding: _Binding, w, dtype):
     A binding's arrays are full-stack (`Spec.expand`), so the stack axes left are walked here
     with the layer rule and the binding's per-layer scales, not with `Spec.merge` (which takes
     an adapter's stored, possibly compact, arrays)."""
-    w = _dense(w)
+    w = as_float(w)
     w32 = w.astype(jnp.float32)
     for spec, arrays, scale in binding.items:
         if binding.stack_left == 0:
@@ -122,10 +122,6 @@ def _effective(binding: _Binding, w, dtype):
 # only changes the dtype it will decode to, and each use decodes it inside a `jax.checkpoint`
 # together with the operation that reads it (`_bind_q`), so that under `jax.grad` the residual is
 # the packed weight and the float copy is rebuilt in the backward, never held across the step.
-
-
-def _dense(v):
-    return v.dense() if is_quantized(v) else v
 
 
 def _as_dtype(q: Quantized, dtype) -> Quantized:
@@ -216,7 +212,7 @@ class _Interp:
         def materialize(v):
             """Effective value of a tagged var (W + dW, with the var's converts applied)."""
             if isinstance(v, jcore.Literal) or v not in tags:
-                return _dense(read(v))
+                return as_float(read(v))
             if v not in cache:
                 t = tags[v]
                 val = env[v]
@@ -224,7 +220,7 @@ class _Interp:
                     cache[v] = _effective(t.binding, val, t.dtype)
                 else:  # build W + dW in the weight's orientation, then view it as the value
                     inv = tuple(int(i) for i in np.argsort(t.perm))
-                    eff = _effective(t.binding, jnp.transpose(_dense(val), inv), t.dtype)
+                    eff = _effective(t.binding, jnp.transpose(as_float(val), inv), t.dtype)
                     cache[v] = jnp.transpose(eff, t.perm)
             return cache[v]
 
@@ -278,7 +274,7 @@ def _convert(interp, eqn, read, tags, materialize):
 def _transpose(interp, eqn, read, tags, materialize):
     """A transposed view of an adapted weight stays tagged (``x @ W.T`` as GPT-2's Conv1D)."""
     (v,) = eqn.invars
-    val = _dense(read(v))
+    val = as_float(read(v))
     t: _Tag = tags[v]
     axes = t.axes(val.ndim)
     out = eqn.primitive.bind(val, **eqn.params)
@@ -361,7 +357,7 @@ def _dot(interp: _Interp, eqn, read, tags, materialize):
         w2 = None
         for spec, (arrays, scale), rng in zip(specs, arrs, rngs):
             if spec.needs_base_output and w2 is None:
-                wd = _dense(wv)
+                wd = as_float(wv)
                 w2 = lay.to_matrix(wd if tag.perm is None else jnp.transpose(wd, inv))
             y2 = spec.linear_forward(x2, y2, arrays, w2, scale, rng)
         if rt:
@@ -436,7 +432,7 @@ def _conv(interp: _Interp, eqn, read, tags, materialize):
         return None
     if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
         return None
-    w = _dense(read(rhs_v))
+    w = as_float(read(rhs_v))
     nd = w.ndim
     # the kernel must be read as the Flax layout (*spatial, in, out) the adapter was built for
     if tuple(p["dimension_numbers"].rhs_spec) != (nd - 1, nd - 2, *range(nd - 2)):
@@ -468,7 +464,7 @@ def _gather(interp: _Interp, eqn, read, tags, materialize):
             _prompt_lookup_error(b)
         return None
     dn = eqn.params["dimension_numbers"]
-    w = _dense(read(w_v))
+    w = as_float(read(w_v))
     if (
         w.ndim != 2
         or tuple(dn.collapsed_slice_dims) != (0,)
@@ -561,7 +557,7 @@ def _scan(interp: _Interp, eqn, read, tags, materialize):
         t = tags.get(v) if not isinstance(v, jcore.Literal) else None
         if t is not None and t.binding.stack_left >= 1 and t.perm is None:
             # a quantized stack is decoded whole here (its blocks do not follow the layers)
-            xs.append(_dense(read(v)))
+            xs.append(as_float(read(v)))
             xs_tags.append(t)
             extra.append(t.binding.slice_xs())
         else:
@@ -864,9 +860,8 @@ def _prepare_mixed(args_tree, adapter_ids):
                 lut[index[name] + 1] = j
             slot = jnp.take(jnp.asarray(lut), ids + 1, mode="fill", fill_value=len(members))
             slot = jnp.broadcast_to(slot, scale.shape[:-1] + slot.shape)
-            # the representative spec: LoRA's largest rank (the padded arrays' shapes)
-            rep = max(specs, key=lambda s: getattr(s, "r", 0))
-            group = _Group(rep, tuple(n for n, _ in members), module)
+            # the forward reads the (padded) arrays, not the specs' own shapes: any member serves
+            group = _Group(specs[0], tuple(n for n, _ in members), module)
             items.append((group, {"stack": stack, "slot": slot}, scale))
         vals.append(node.base)
         binds.append(_binding(i, node.base, items, module))

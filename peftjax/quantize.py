@@ -414,6 +414,11 @@ def quantize(params, *, scheme="nf4", block_size=64, double_quant=True, targets=
     return rebuild(treedef, leaves)
 
 
+def as_float(x):
+    """``x`` dequantized if it is a `Quantized` weight, else ``x`` itself."""
+    return x.dense() if isinstance(x, Quantized) else x
+
+
 def _dense_value(x):
     from .node import is_adapted
 

@@ -42,7 +42,7 @@ from .errors import (
 from .layout import Layout, LayoutSpec
 from .methods import COPY, DERIVED, PROMPT, Spec, modules_to_save_spec
 from .node import Adapted, is_adapted
-from .quantize import dequantize, is_quantized, quantize_array
+from .quantize import as_float, dequantize, is_quantized, quantize_array
 from .sharding import abstract_like, place, place_node
 
 
@@ -336,10 +336,10 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
                 st = item.layout.stack if item.layout is not None else 0
                 lay = Layout("dense", stack=st if l.base.ndim > st else 0)
                 spec = config.module_spec(item.module, lay, tuple(l.base.shape), None)
-                add(l, spec, spec.init(mkey, _float(l.base)))
+                add(l, spec, spec.init(mkey, as_float(l.base)))
             continue
         w, spec = item.weight, spec_of[id(item)]
-        add(w, spec, spec.init(mkey, _float(w.base), dtype))
+        add(w, spec, spec.init(mkey, as_float(w.base), dtype))
         b = bias_leaf(groups[item.module], w)
         companion = spec.bias_companion(tuple(b.base.shape), w.name) if b is not None else None
         if companion is not None:
@@ -347,14 +347,8 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
     for mod in save_paths:
         for l in subtree_leaves(groups, mod):
             spec = modules_to_save_spec(tuple(l.base.shape))
-            add(l, spec, spec.init(None, _float(l.base)))
+            add(l, spec, spec.init(None, as_float(l.base)))
     return new
-
-
-def _float(base):
-    """A quantized base (`pj.quantize`) dequantized, for inits that read the weight (PiSSA,
-    OLoRA, DoRA's magnitude, copies); any other base as it is."""
-    return base.dense() if is_quantized(base) else base
 
 
 def _with_active(l: Leaf, act: tuple[str, ...]) -> Leaf:
