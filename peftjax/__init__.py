@@ -95,7 +95,7 @@ __version__ = "0.1.0"
 
 # Every registered method's config class, by its PEFT name (`pj.LoraConfig`, ...), and its
 # own public functions (`Method.api`): the registry row is the one place a method is listed.
-_CONFIGS = {m.config.__name__: m.config for m in METHODS.values()}
+_CONFIGS: dict[str, object] = {m.config.__name__: m.config for m in METHODS.values()}
 _CONFIGS.update({n: f for m in METHODS.values() for n, f in m.api.items()})
 globals().update(_CONFIGS)
 

@@ -70,8 +70,26 @@ def stacked_key_map(layers_name: str = "layers") -> KeyMap:
     its ``layers_name`` segment: ``model.layers.self_attn.q_proj`` with layer 3 becomes
     ``model.layers.3.self_attn.q_proj``. This is the default ``key_map``.
 
-    >>> stacked_key_map()("model.layers.self_attn.q_proj", 3)
-    'model.layers.3.self_attn.q_proj'
+    Args:
+      layers_name: the path segment the layer index goes after (``"h"`` for GPT-2's
+        ``transformer.h``).
+
+    Returns:
+      The ``key_map`` function, for `pj.save_pretrained` / `pj.load_pretrained` and the
+      other functions that take ``key_map=``.
+
+    Raises:
+      FormatError: (raised by the returned function) a stacked path has no ``layers_name``
+        segment.
+
+    Example:
+
+      >>> import peftjax as pj
+      >>> key_map = pj.stacked_key_map()
+      >>> key_map("model.layers.self_attn.q_proj", 3), key_map("lm_head")
+      ('model.layers.3.self_attn.q_proj', 'lm_head')
+      >>> pj.stacked_key_map("h")("transformer.h.attn.c_attn", 0)
+      'transformer.h.0.attn.c_attn'
     """
 
     def key_map(path: str, layer: int | None = None) -> str:
@@ -81,7 +99,7 @@ def stacked_key_map(layers_name: str = "layers") -> KeyMap:
         if layers_name not in parts:
             raise FormatError(
                 f"stacked module `{path}` has no `{layers_name}` segment to put the layer index "
-                f"after; pass `key_map=pj.io.stacked_key_map(layers_name=...)` or your own "
+                f"after; pass `key_map=pj.stacked_key_map(layers_name=...)` or your own "
                 "`key_map(module_path, layer) -> PEFT module path`."
             )
         i = parts.index(layers_name)

@@ -148,7 +148,7 @@ def plan_parameters(
         for j, (_, l, key) in enumerate(items):
             lay = _param_layout(layouts, l, key)
             plan.append(Planned(l.module, [l], l, lay, None, key, len(items) - 1 - j))
-    plan.sort(key=lambda p: p.weight.index)
+    plan.sort(key=lambda p: p.leaves[0].index)  # its weight: the one leaf
     return plan
 
 
@@ -237,6 +237,8 @@ def _plan_modules(
             plan.append(Planned(mod, groups[mod], layout=Layout("dense", stack=stack)))
             continue
         w = weight_leaf(groups[mod])
+        if w is None:  # `_select` picks modules with a weight; a norm or bias alone has none
+            raise UnsupportedModuleError(f"module `{mod}` has no weight array to adapt.")
         lay = resolve_layout(layouts, mod, w.name, w.base)
         if lay.kind not in method.adapts:
             raise UnsupportedModuleError(

@@ -62,6 +62,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from numbers import Real
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +186,7 @@ def _weights_arg(weights, n: int, adapters) -> tuple[list, bool]:
             "give one weight per adapter."
         )
     concrete = True
-    out = []
+    out: list[Any] = []  # floats, or traced scalars
     for i, w in enumerate(vals):
         if isinstance(w, jax.core.Tracer):
             if getattr(w, "shape", None) != () or not jnp.issubdtype(w.dtype, jnp.floating):
@@ -657,14 +658,16 @@ def add_weighted_adapter(
         ``target_parameters``, two adapters with ``modules_to_save`` copies of one module.
       ArgumentTypeError: arguments of the wrong type; ``key`` missing for a DARE type.
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> p = {"q_proj": {"kernel": jnp.ones((4, 6))}}
-    >>> cfg = pj.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
-    >>> p = pj.inject(p, cfg, key=jax.random.key(0), name="x")
-    >>> p = pj.inject(p, cfg, key=jax.random.key(1), name="y")
-    >>> q = pj.add_weighted_adapter(p, ["x", "y"], [0.5, 0.5], "xy", combination_type="cat")
-    >>> pj.adapter_names(q), pj.active(q), q["q_proj"]["kernel"].spec("xy").r
-    (('x', 'y', 'xy'), ('x',), 4)
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+      >>> p = pj.inject(p, cfg, key=jax.random.key(0), name="x")
+      >>> p = pj.inject(p, cfg, key=jax.random.key(1), name="y")
+      >>> q = pj.add_weighted_adapter(p, ["x", "y"], [0.5, 0.5], "xy", combination_type="cat")
+      >>> pj.adapter_names(q), pj.active(q), q["q_proj"]["kernel"].spec("xy").r
+      (('x', 'y', 'xy'), ('x',), 4)
     """
     adapters, weights, concrete, density, key = _check_args(
         params,

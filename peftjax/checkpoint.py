@@ -46,7 +46,21 @@ Sharding = jax.sharding.Sharding
 
 
 class CheckpointNotFoundError(FormatError, FileNotFoundError):
-    """No checkpoint (or not the requested step) in the checkpoint directory."""
+    """No checkpoint (or not the requested step) in the checkpoint directory.
+
+    Raised by `AdapterCheckpointer.restore` and `AdapterCheckpointer.metadata` when the
+    directory does not exist or holds no checkpoint (``step=None``), or when the asked ``step``
+    is not among the saved ones. It is a `FormatError` and a ``FileNotFoundError``.
+
+    Example:
+
+      >>> import tempfile, peftjax as pj
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     pj.AdapterCheckpointer(d).metadata()
+      Traceback (most recent call last):
+      ...
+      peftjax.checkpoint.CheckpointNotFoundError: checkpoint directory ... holds no checkpoint.
+    """
 
 
 # ------------------------------------------------------------------------------- key paths
@@ -183,7 +197,7 @@ class AdapterCheckpointer:
       max_to_keep: keep only the newest this many steps (``None``: keep all).
       save_interval_steps: `save` writes only steps that are a multiple of this (or ``force``).
 
-    Example::
+    In a training loop::
 
         ckpt = pj.AdapterCheckpointer("/tmp/run", max_to_keep=3)
         trainable, frozen = pj.partition(params)
@@ -197,6 +211,24 @@ class AdapterCheckpointer:
 
     Saves are asynchronous (Orbax's default); `wait_until_finished` or `close` (or leaving the
     ``with`` block) waits for them.
+
+    Example:
+
+      >>> import tempfile, jax.numpy as jnp, peftjax as pj
+      >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False)
+      >>> p = pj.inject(base, cfg, key=0)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     with pj.AdapterCheckpointer(d) as ckpt:
+      ...         started = ckpt.save(10, p)
+      ...         ckpt.wait_until_finished()
+      ...         q, _, step = ckpt.restore(pj.inject(base, cfg, key=1))
+      ...         steps = ckpt.all_steps()
+      >>> started, step, steps
+      (True, 10, [10])
+      >>> a = lambda t: t["fc"]["kernel"].arrays["default"]["lora_A"]
+      >>> bool(jnp.array_equal(a(q), a(p)))
+      True
     """
 
     def __init__(self, directory, *, max_to_keep: int | None = None, save_interval_steps: int = 1):
@@ -218,6 +250,7 @@ class AdapterCheckpointer:
 
     @property
     def directory(self) -> epath.Path:
+        """The checkpoint directory, as an absolute ``etils.epath.Path``."""
         return self._directory
 
     # ---- steps ------------------------------------------------------------------------------
@@ -436,7 +469,8 @@ class AdapterCheckpointer:
         if adapter_items:
             items[_ADAPTERS] = ocp.args.StandardRestore(_nest(adapter_items, "adapters"))
 
-        opt_flat = opt_def = None
+        opt_flat: list[tuple[Any, Any]] = []
+        opt_def: Any = None
         if opt_state_like is not None:
             if meta.get("opt_state") is None:
                 raise FormatError(
@@ -484,7 +518,7 @@ class AdapterCheckpointer:
 
         opt_state = None
         if opt_state_like is not None:
-            restored = out[_OPT] if _OPT in items else None
+            restored: Any = out[_OPT] if _OPT in items else {}  # {}: no non-empty leaf
             opt_state = jax.tree_util.tree_unflatten(
                 opt_def,
                 [
@@ -507,7 +541,7 @@ class AdapterCheckpointer:
                 f"modules {sorted({d['module'] for d in meta['leaves']})}."
             )
         modules = {(e["module"], e["leaf"]) for e in have.values()}
-        out = {}
+        out: dict[tuple[str, ...], dict] = {}
         for key, d in saved.items():
             module, leaf, name, param = key
             where = _where(module, leaf)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
 from peftjax.errors import ConfigError, PeftJaxError
@@ -215,6 +215,7 @@ def layers_to_transform_field(v: Any) -> int | tuple[int, ...] | None:
 
 
 def layers_pattern_field(v: Any) -> str | tuple[str, ...] | None:
+    out: str | tuple[str, ...] | None
     if v is None or isinstance(v, str):
         out = v or None
     else:
@@ -281,9 +282,9 @@ class AdapterConfig:
     revision: str | None = None
     inference_mode: bool = False
     # Module selection, common to every method.
-    target_modules: str | tuple[str, ...] | None = None
-    exclude_modules: str | tuple[str, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    modules_to_save: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         if not type(self).peft_type:
@@ -318,10 +319,11 @@ class AdapterConfig:
 
     def _check_layers(self, *, str_targets_forbidden: bool) -> None:
         """Normalise and check `layers_to_transform` / `layers_pattern` (LoRA, LoHa, LoKr)."""
-        given = self.layers_to_transform is not None
-        self._set("layers_to_transform", layers_to_transform_field(self.layers_to_transform))
-        self._set("layers_pattern", layers_pattern_field(self.layers_pattern))
-        if given and self.layers_to_transform is None:
+        cfg: Any = self  # the layer fields are the subclass's (LoRA, LoHa, LoKr)
+        given = cfg.layers_to_transform is not None
+        self._set("layers_to_transform", layers_to_transform_field(cfg.layers_to_transform))
+        self._set("layers_pattern", layers_pattern_field(cfg.layers_pattern))
+        if given and cfg.layers_to_transform is None:
             # PEFT: an empty `layers_to_transform` means every layer; `layers_pattern` is moot.
             self._set("layers_pattern", None)
         if str_targets_forbidden and isinstance(self.target_modules, str):
@@ -333,10 +335,10 @@ class AdapterConfig:
                         f"cannot be used when `target_modules` is a str "
                         f"({self.target_modules!r}); give `target_modules` as a list.",
                     )
-        if self.layers_pattern is not None and self.layers_to_transform is None:
+        if cfg.layers_pattern is not None and cfg.layers_to_transform is None:
             raise fail(
                 "layers_pattern",
-                self.layers_pattern,
+                cfg.layers_pattern,
                 "needs `layers_to_transform` to be set as well.",
             )
 
@@ -354,6 +356,9 @@ class AdapterConfig:
         """``(r, alpha)`` of module ``path`` (``rank_pattern`` / ``alpha_pattern`` applied) for
         methods whose delta is scaled by `scaling(r, alpha)`; ``None`` for the others."""
         return None
+
+    #: the name of the field that holds the scale's ``alpha`` (methods with `rank_alpha` only)
+    alpha_field: ClassVar[str] = "alpha"
 
     def scaling(self, r: int, alpha: float) -> float:
         """The method's scale for rank ``r`` and ``alpha`` (methods with `rank_alpha` only)."""

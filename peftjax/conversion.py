@@ -97,7 +97,9 @@ def inject_from_state_dict(
         weight``, the prefix optional) or the model's own (``fc1.lora_A.default.weight``, with
         the adapter name ``name``); a leading ``_orig_mod.`` (``torch.compile``) is dropped.
         Values need a ``.shape`` for the shape checks and for ``ranks="state_dict"``.
-      key, name, layouts, dtype, activate, trainable: as `inject`.
+      key: a JAX PRNG key (or int seed) for the initial arrays, as `inject`.
+      name: the new adapter's name, as `inject`; also the adapter name in model-form keys.
+      layouts: as `inject` (stacked and DenseGeneral weights).
       key_map: ``(module_path[, layer]) -> PEFT module path`` as `load_pretrained`; stacked
         (scanned) weights take the layers the state dict has (the others carry no adapter).
       ranks: ``"config"`` (PEFT's rule: ``r`` / ``rank_pattern`` of the config; a tensor whose
@@ -106,11 +108,32 @@ def inject_from_state_dict(
         makes every one of them fit, the config's where it does), alpha still the config's.
       strict: refuse keys that match no module of ``params`` and adapter keys the config does
         not use (``False``: ignore them, as PEFT does).
+      dtype: dtype of the adapter arrays, as `inject`.
+      activate: as `inject` (default: active when it is the first adapter).
+      trainable: as `inject`.
+
+    Returns:
+      A new tree with adapter ``name`` injected at the state dict's modules (initialised, not
+      loaded); ``params`` is left unchanged.
 
     Raises:
-      ConfigError: ``target_parameters`` set; ``state_dict`` keys of another method.
+      ConfigError: ``config`` is not a peftjax config; ``target_parameters`` set;
+        ``state_dict`` keys of another method.
+      ArgumentTypeError: ``state_dict`` is not a mapping or has non-str keys; an unknown
+        ``ranks``; ``name`` is not a non-empty str.
       TargetError: no adapter key, or (``strict``) keys that match no module.
       ShapeError: a tensor that does not fit its module.
+
+    Example:
+
+      >>> import numpy as np, jax.numpy as jnp, peftjax as pj
+      >>> sd = {"base_model.model.fc.lora_A.weight": np.zeros((2, 4)),
+      ...       "base_model.model.fc.lora_B.weight": np.zeros((6, 2))}
+      >>> p = pj.inject_from_state_dict({"fc": {"kernel": jnp.ones((4, 6))}},
+      ...                               pj.LoraConfig(r=8, target_modules=["fc"]), sd,
+      ...                               key=0, ranks="state_dict")
+      >>> pj.targeted_modules(p), p["fc"]["kernel"].spec("default").r
+      (['fc'], 2)
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"`config` must be a peftjax config, got {type(config).__name__}.")
@@ -412,6 +435,27 @@ def supports_lora_conversion(params, name: str = "default") -> bool:
     converted to LoRA (`convert_to_lora`), i.e. its spec is additive on a Linear weight
     (`Spec.supports_lora_conversion`: LoRA without DoRA, LoHa, LoKr on dense weights, and any
     other method whose spec says so). ``modules_to_save`` copies are carried over as they are.
+
+    Args:
+      params: a tree carrying adapter ``name``.
+      name: the adapter to check.
+
+    Returns:
+      ``True`` when `convert_to_lora` can convert every module of the adapter.
+
+    Raises:
+      AdapterNameError: no adapter ``name`` in ``params``.
+      AdapterNameTypeError: ``name`` is not a str.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> base = {"fc": {"kernel": jnp.ones((4, 6))}}
+      >>> pj.supports_lora_conversion(pj.inject(base, pj.LoHaConfig(target_modules=["fc"]), key=0))
+      True
+      >>> dora = pj.LoraConfig(target_modules=["fc"], use_dora=True)
+      >>> pj.supports_lora_conversion(pj.inject(base, dora, key=0))
+      False
     """
     check_names(params, [name], "name")
     return not _unsupported(walk(params)[0], name)[1]
@@ -494,7 +538,8 @@ def _to_lora(module: str, spec: Spec, arrays: dict, rank, dtype):
         a, b = a.reshape(stack + a.shape[1:]), b.reshape(stack + b.shape[1:])
     elif not spec.layout.stack:
         a, b = a[0], b[0]
-    lora = method_named(_TARGET).config.lora_spec_like(spec, k)
+    lora_config: Any = method_named(_TARGET).config  # `LoraConfig`: it builds the spec
+    lora = lora_config.lora_spec_like(spec, k)
     return lora, {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)}
 
 
@@ -524,9 +569,24 @@ def convert_to_lora(params, rank: int | float, name: str = "default", *, new_nam
 
     Raises:
       ConfigError: an invalid ``rank`` (0, negative, a float outside ``(0, 1]``, larger than a
-        weight allows).
+        weight allows); ``new_name`` already taken.
       UnsupportedModuleError: modules that cannot be converted (named), or none that can.
       MergeError: the adapter is merged.
+      AdapterNameError: no adapter ``name``.
+      ArgumentTypeError: ``new_name`` is not a non-empty str.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 6))}},
+      ...               pj.LoHaConfig(r=2, target_modules=["fc"], init_weights=False), key=0)
+      >>> q = pj.convert_to_lora(p, 4)
+      >>> spec = q["fc"]["kernel"].spec("default")
+      >>> spec.method, spec.r
+      ('lora', 4)
+      >>> w = pj.apply(lambda p: p["fc"]["kernel"])
+      >>> bool(jnp.allclose(w(p), w(q), atol=1e-5))
+      True
     """
     _check_rank(rank)
     check_names(params, [name], "name")
@@ -589,7 +649,36 @@ def save_as_lora(
 ) -> Path:
     """PEFT's ``save_as_lora``: `convert_to_lora` then `save_pretrained` of the LoRA into
     ``path`` itself (whatever ``name`` is); ``kwargs`` go to `save_pretrained` (``key_map``,
-    ``dtype``...). Returns the directory written."""
+    ``dtype``...).
+
+    Args:
+      params: a tree carrying adapter ``name`` (not merged); never modified.
+      path: the output directory (created if needed); the LoRA is written in it directly.
+      rank: as `convert_to_lora`: an int rank, or a float energy threshold in ``(0, 1]``.
+      name: the adapter to convert.
+      **kwargs: keyword arguments of `save_pretrained` (``key_map``, ``dtype``,
+        ``save_embedding_layers``).
+
+    Returns:
+      The directory written (``path``).
+
+    Raises:
+      ConfigError: an invalid ``rank``, as `convert_to_lora`.
+      UnsupportedModuleError: modules that cannot be converted to LoRA.
+      MergeError: the adapter is merged.
+      AdapterNameError: no adapter ``name``.
+      FormatError: ``path`` cannot be written, as `save_pretrained`.
+
+    Example:
+
+      >>> import tempfile, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 6))}},
+      ...               pj.LoHaConfig(r=2, target_modules=["fc"], init_weights=False), key=0)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     config, _ = pj.read_adapter(pj.save_as_lora(p, d, rank=4))
+      >>> type(config).__name__, config.r, config.lora_alpha
+      ('LoraConfig', 4, 4)
+    """
     lora = convert_to_lora(params, rank, name)
     return save_pretrained(_only(lora, name), path, "default", **kwargs)
 

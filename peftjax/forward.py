@@ -51,7 +51,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as prims
 
-from .errors import AdapterNameError, LayoutError, UnsupportedModuleError
+from .errors import AdapterNameError, ArgumentTypeError, LayoutError, UnsupportedModuleError
 from .methods import COPY, DELTA, DERIVED, PROMPT, Spec
 from .node import is_adapted
 from .quantize import Quantized, as_float, is_quantized
@@ -757,13 +757,13 @@ def _mixed_ids(ids, names: tuple[str, ...]):
             raise ValueError("adapter_ids: empty; give one adapter name (or None) per example.")
         return jnp.asarray([-1 if i is None else names.index(i) for i in ids], jnp.int32)
     if isinstance(ids, str):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"adapter_ids={ids!r}: give one name per example (a list), not a single string; "
             "for one adapter on the whole batch use `pj.set_active`."
         )
     arr = ids if isinstance(ids, jax.Array) else np.asarray(ids)
     if arr.ndim != 1 or not jnp.issubdtype(arr.dtype, jnp.integer):
-        raise TypeError(
+        raise ArgumentTypeError(
             "adapter_ids: expected a list of adapter names (None for the base) or a 1-D integer "
             f"array of indices into pj.adapter_names(params) (-1 for the base), got {arr.dtype} "
             f"of shape {list(arr.shape)}."
@@ -943,20 +943,30 @@ def apply(fn, *, rng: jax.Array | None = None, adapter_ids=None):
         IA3, LoKr, LoHa, VeRA, OFT...: any method with a factored forward; prompt learning,
         LN tuning, ``modules_to_save`` and IA3 on a biased layer are refused by name.
 
-    Raises:
-      AdapterNameError: an unknown name (or an out-of-range concrete index) in ``adapter_ids``.
-      UnsupportedModuleError: a method that cannot be batched, merged adapters, or a weight
-        used other than as a matmul / lookup with ``adapter_ids``.
-
     Returns:
       A function with ``fn``'s signature. It composes with ``jit``, ``grad``, ``vmap``, remat
-      and scanned layers.
+      and scanned layers. The errors below are raised when it is called.
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> cfg = pj.LoraConfig(r=1, target_modules=["w"])
-    >>> p = pj.inject({"w": jnp.eye(3)}, cfg, key=jax.random.key(0))
-    >>> pj.apply(lambda p, x: x @ p["w"])(p, jnp.ones((2, 3))).shape
-    (2, 3)
+    Raises:
+      AdapterNameError: an unknown name (or an out-of-range concrete index) in ``adapter_ids``,
+        or ``adapter_ids`` with arguments that carry no adapter.
+      TypeError: ``adapter_ids`` is a single str, or neither a list of names nor a 1-D integer
+        array.
+      ValueError: ``adapter_ids`` is an empty list.
+      UnsupportedModuleError: with ``adapter_ids``, a method that cannot be batched, merged
+        adapters, or a weight used other than as a matmul / lookup (or not with the batch axis
+        leading); a prompt-learning adapter on an embedding the function does not read as a
+        row lookup, or active with other adapters there.
+      LayoutError: ``fn`` uses a dense weight only in the other orientation than the one
+        `pj.inject` read (inject with ``layouts=``).
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.LoraConfig(r=1, target_modules=["w"])
+      >>> p = pj.inject({"w": jnp.eye(3)}, cfg, key=jax.random.key(0))
+      >>> pj.apply(lambda p, x: x @ p["w"])(p, jnp.ones((2, 3))).shape
+      (2, 3)
     """
 
     @functools.wraps(fn)

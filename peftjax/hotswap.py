@@ -192,12 +192,14 @@ def prepare_hotswap(params, name: str = "default", *, target_rank: int | None = 
       ShapeError: a module's rank exceeds ``target_rank``.
       ArgumentTypeError: ``target_rank`` is not a positive int.
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
-    ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
-    >>> q = pj.prepare_hotswap(p, target_rank=8)
-    >>> q["fc"]["kernel"].arrays["default"]["lora_A"].shape
-    (4, 8)
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> q = pj.prepare_hotswap(p, target_rank=8)
+      >>> q["fc"]["kernel"].arrays["default"]["lora_A"].shape
+      (4, 8)
     """
     _check_name(name)
     if target_rank is not None and (
@@ -240,7 +242,8 @@ def prepare_hotswap(params, name: str = "default", *, target_rank: int | None = 
             arrays = dict(node.arrays[name])
             arrays[_A] = _like(_pad_rank(arrays[_A], -1, target_rank), arrays[_A])
             arrays[_B] = _like(_pad_rank(arrays[_B], -2, target_rank), arrays[_B])
-            new_spec = dataclasses.replace(spec, r=int(target_rank))
+            lora_spec: Any = spec  # a `LoraSpec` (checked above): it has a rank `r`
+            new_spec = dataclasses.replace(lora_spec, r=int(target_rank))
             specs = tuple((n, new_spec if n == name else s) for n, s in node.specs)
             l = dataclasses.replace(
                 l, value=node.replace(arrays={**node.arrays, name: arrays}, specs=specs)
@@ -472,19 +475,21 @@ def hotswap(
         adapter whose settings differ; a nonzero scale swapped into a layer of scale 0.
       FormatError: an unreadable adapter directory.
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
-    >>> p = pj.inject(base, pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
-    >>> new = pj.inject(base, pj.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"],
-    ...                                     init_lora_weights=False), key=1)
-    >>> f = jax.jit(pj.apply(lambda p, x: x @ p["fc"]["kernel"]))
-    >>> x = jnp.ones((1, 4))
-    >>> y0 = f(p, x)
-    >>> y1 = f(pj.hotswap(p, new), x)
-    >>> bool(jnp.allclose(y1, pj.apply(lambda p, x: x @ p["fc"]["kernel"])(new, x)))
-    True
-    >>> f._cache_size()
-    1
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
+      >>> p = pj.inject(base, pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> new = pj.inject(base, pj.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"],
+      ...                                     init_lora_weights=False), key=1)
+      >>> f = jax.jit(pj.apply(lambda p, x: x @ p["fc"]["kernel"]))
+      >>> x = jnp.ones((1, 4))
+      >>> y0 = f(p, x)
+      >>> y1 = f(pj.hotswap(p, new), x)
+      >>> bool(jnp.allclose(y1, pj.apply(lambda p, x: x @ p["fc"]["kernel"])(new, x)))
+      True
+      >>> f._cache_size()
+      1
     """
     _check_name(name)
     leaves, treedef = walk(params)
@@ -505,7 +510,7 @@ def hotswap(
             "hotswapping cannot add adapted modules (PEFT: unexpected keys)."
         )
     # pass 1: every check, on static information
-    jobs = []
+    jobs: list[tuple[Any, Any, tuple]] = []
     for l in carriers:
         node: Adapted = l.value
         so, ao = node.spec(name), node.arrays[name]

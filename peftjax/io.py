@@ -323,12 +323,12 @@ def _collect(
             st = spec.layout.stack
             # a stacked copy (a scanned model's norm) is one PEFT module per layer
             per_layer = a.reshape((-1, *a.shape[st:])) if st else [a]
-            for i, ai in enumerate(per_layer):
-                pm = map_key(key_map, leaf.module, i if st else None)
+            for j, ai in enumerate(per_layer):
+                pm = map_key(key_map, leaf.module, j if st else None)
                 rule = L.leaf_rule(leaf.name, ai.shape)
                 put(f"{copy_prefix}{pm}.{mid}{tname}", rule.to_torch(ai), where)
                 if spec.method in METHODS:  # a method's own copy (LN tuning): its modules
-                    entries.append(_Entry(pm, leaf.module, i if st else None, spec))
+                    entries.append(_Entry(pm, leaf.module, j if st else None, spec))
                 else:
                     copies.append(pm)
             continue
@@ -374,7 +374,8 @@ def config_from_specs(entries: list[_Entry], copies: list[str]) -> AdapterConfig
     if len(methods) > 1:
         raise ConfigError(f"the adapter mixes methods {sorted(methods)}; PEFT has one per adapter.")
     if entries[0].spec.role == PROMPT:  # a prompt adapter keeps its whole config
-        return entries[0].spec.config.file_config(entries[0].spec)
+        prompt_spec: Any = entries[0].spec  # a `PromptSpec`: it carries its config
+        return prompt_spec.config.file_config(prompt_spec)
     common: dict[str, Any] = dict(
         target_modules=sorted({e.peft_path for e in entries}),
         modules_to_save=sorted(set(copies)) or None,
@@ -391,7 +392,8 @@ def _check_config(config: AdapterConfig, entries: list[_Entry]) -> None:
             f"`config` is a {type(config).__name__} but the adapter is {sorted(methods)}."
         )
     if entries and entries[0].spec.role == PROMPT:
-        entries[0].spec.check_config(config)
+        prompt_spec: Any = entries[0].spec  # a `PromptSpec`: it checks its own config
+        prompt_spec.check_config(config)
         return
     targets = config.target_modules
     for e in entries:
@@ -424,11 +426,12 @@ def _check_config(config: AdapterConfig, entries: list[_Entry]) -> None:
             continue
         r, alpha = ra
         s = config.scaling(r, alpha)
-        have = e.spec.scaling[e.layer or 0]
-        if r != e.spec.r or not math.isclose(s, have, rel_tol=1e-6):
+        ranked: Any = e.spec  # a config with a rank has ranked specs (`r`, `scaling`)
+        have = ranked.scaling[e.layer or 0]
+        if r != ranked.r or not math.isclose(s, have, rel_tol=1e-6):
             raise ConfigError(
                 f"`config` gives module `{e.peft_path}` r={r}, scaling={s:g}, but its adapter has "
-                f"r={e.spec.r}, scaling={have:g}; PEFT would compute a different delta."
+                f"r={ranked.r}, scaling={have:g}; PEFT would compute a different delta."
             )
 
 
@@ -464,7 +467,26 @@ def save_pretrained(
         ``lm_head`` module; ``False`` never writes base weights.
 
     Returns:
-      The directory written.
+      The directory written (a ``pathlib.Path``: ``path``, or ``path/<name>``).
+
+    Raises:
+      AdapterNameError: ``params`` has no adapter ``name`` (or ``name`` is not a non-empty,
+        plain file name).
+      ConfigError: an invalid ``save_embedding_layers``; a ``config`` that is not a peftjax
+        config, is of another method, or does not target (or gives other ranks / scalings
+        than) the adapter's modules.
+      FormatError: ``path`` is a file or cannot be created; ``key_map`` sends two modules to
+        one PEFT key; an adapter with no PEFT format (or a stacked module's base weights).
+
+    Example:
+
+      >>> import os, tempfile, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     out = pj.save_pretrained(p, d)
+      ...     sorted(os.listdir(out))
+      ['adapter_config.json', 'adapter_model.safetensors']
     """
     if not isinstance(name, str) or not name:
         raise AdapterNameError(f"`name` must be a non-empty str, got {name!r}.")
@@ -579,9 +601,35 @@ def read_adapter(
     path: str | os.PathLike, name: str = "default"
 ) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
     """``(config, tensors)`` of a PEFT adapter directory, tensors as stored (torch layout, full
-    PEFT keys). Raises `FormatError` for unreadable or non-float files, an unknown
-    ``peft_type`` or a config that does not match the weights, and `ConfigError` for config
-    fields peftjax does not support."""
+    PEFT keys).
+
+    Args:
+      path: the adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+      name: the adapter's name: ``path/<name>`` is read when ``path`` itself has no config and
+        that subdirectory exists (PEFT's layout for non-default adapters).
+
+    Returns:
+      ``(config, tensors)``: the config object (``LoraConfig``, ...) and ``{PEFT key: numpy
+      array}`` exactly as stored (torch ``(out, in)`` layout, dtype as saved).
+
+    Raises:
+      FormatError: a missing directory, config or weights file; unreadable, truncated or
+        non-float files; an unknown ``peft_type``; a config that does not match the weights.
+      ConfigError: config fields peftjax does not support (or invalid values).
+
+    Example:
+
+      >>> import tempfile, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = pj.save_pretrained(p, d)
+      ...     config, tensors = pj.read_adapter(d)
+      >>> config.r, sorted(tensors)
+      (2, ['base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight'])
+      >>> tensors["base_model.model.fc.lora_A.weight"].shape  # torch layout: (r, in)
+      (2, 4)
+    """
     files = _read_dir(_adapter_dir(path, name))
     _check_float(files)
     return files.config, files.tensors
@@ -613,9 +661,33 @@ def embedding_base_keys(tensors: Mapping[str, Any], peft_type: str) -> dict[str,
 def inspect_adapter(path: str | os.PathLike, name: str = "default") -> dict[str, Any]:
     """A summary of a PEFT adapter directory (for the CLI): method, targets, ranks, sizes.
 
-    ``embedding_layers``: modules whose base weights the adapter carries (PEFT's
-    ``save_embedding_layers``, see `embedding_base_keys`); ``modules_to_save``: whole-module
-    copies."""
+    Args:
+      path: the adapter directory.
+      name: the adapter's name (``path/<name>`` is read when ``path`` has no config), as
+        `read_adapter`.
+
+    Returns:
+      A JSON-serialisable dict: ``path``, ``peft_type``, ``method``, ``targets`` (adapted PEFT
+      module paths), ``modules_to_save`` (whole-module copies), ``embedding_layers`` (modules
+      whose base weights the adapter carries: PEFT's ``save_embedding_layers``, see
+      `embedding_base_keys`), ``ranks`` (``{module: r}``), ``n_tensors``, ``n_params``,
+      ``dtype``, ``file_size`` (bytes of the weights file) and ``config`` (its ``to_dict()``).
+
+    Raises:
+      FormatError: as `read_adapter` (missing or unreadable files, unknown ``peft_type``).
+      ConfigError: config fields peftjax does not support.
+
+    Example:
+
+      >>> import tempfile, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = pj.save_pretrained(p, d)
+      ...     info = pj.inspect_adapter(d)
+      >>> info["peft_type"], info["targets"], info["ranks"], info["n_params"]
+      ('LORA', ['fc'], {'fc': 2}, 14)
+    """
     files = _read_dir(_adapter_dir(path, name))
     d, raw, config, tensors = files.dir, files.raw, files.config, files.tensors
     pt = raw["peft_type"].upper()
@@ -794,11 +866,27 @@ def load_pretrained(
         unlike PEFT's, so that "load, then keep training" works as written; the files' own
         ``inference_mode: true`` (which every PEFT save writes) does not freeze it.
 
+    Returns:
+      A new tree with adapter ``name`` injected and its arrays loaded (cast to ``dtype``);
+      ``params`` is left unchanged.
+
     Raises:
       FormatError: missing, truncated or pickle-only files, unknown ``peft_type``, keys that match
         no module, missing arrays.
       ConfigError: config fields peftjax does not support.
       ShapeError: a tensor whose shape does not fit its module (names key, expected, found).
+      AdapterNameError: ``params`` already has an adapter ``name``.
+
+    Example:
+
+      >>> import tempfile, jax.numpy as jnp, peftjax as pj
+      >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
+      >>> p = pj.inject(base, pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> with tempfile.TemporaryDirectory() as d:
+      ...     _ = pj.save_pretrained(p, d)
+      ...     q = pj.load_pretrained(base, d)
+      >>> pj.adapter_names(q), q["fc"]["kernel"].spec("default").r
+      (('default',), 2)
     """
     key_map = key_map or stacked_key_map()
     files = _read_dir(_adapter_dir(path, name))
@@ -830,7 +918,7 @@ def _load_prompt(params, files: _Files, name, key_map, strict, *, dtype, **kw):
         new = inject(params, config, key=jax.random.key(0), name=name, dtype=dtype, **kw)
     except PeftJaxError as e:
         raise type(e)(f"`{files.dir / CONFIG_NAME}`: {e}") from None
-    tensors, used = files.tensors, set()
+    tensors, used = files.tensors, set[str]()
     leaves, treedef = walk(new)
     out = []
     for leaf in leaves:
@@ -894,7 +982,8 @@ def _plan_load(params, files: _Files, key_map, layouts, strict: bool) -> _LoadPl
     targets, order = _parameter_targets(params, config, key_map, layouts, tensors)
     rev.update({fm: (mod, None) for fm, (mod, _, _) in targets.items()})
     adapter: dict[str, dict[int | None, dict[str, str]]] = {}
-    leaf_keys: dict[tuple[str, str, str], str] = {}
+    # {(kind, module, suffix): key}, or {layer: key} for a stacked copy's layers
+    leaf_keys: dict[tuple[str, str, str], Any] = {}
     peft_of: dict[tuple[str, int | None], str] = {}
     present: set[str] = set()  # PEFT module paths the file has adapter weights for
     unmatched = []
@@ -1021,10 +1110,11 @@ def narrowed(config: AdapterConfig, adapter: dict, peft_of: dict, leaf_keys: dic
     scales: dict[str, dict[int | None, float]] = {}
     ranks, alphas = {}, {}
     for mod, layers in adapter.items():
-        ra = {i: config.rank_alpha(peft_of[(mod, i)]) for i in layers}
-        if not ra or None in ra.values():  # no rank / alpha: scale 1
+        maybe = {i: config.rank_alpha(peft_of[(mod, i)]) for i in layers}
+        if not maybe or None in maybe.values():  # no rank / alpha: scale 1
             scales[mod] = {i: 1.0 for i in layers}
             continue
+        ra = {i: v for i, v in maybe.items() if v is not None}
         if len({r for r, _ in ra.values()}) > 1:
             per_layer = {peft_of[(mod, i)]: r for i, (r, _) in ra.items()}
             raise ConfigError(
@@ -1227,12 +1317,12 @@ def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing,
     whole = spec.file_parameter() is not None  # `target_parameters`: one tensor per array
     stack = () if whole else spec.layout.stack_shape(spec.shape)
     n = math.prod(stack) if stack else 1
-    idx = [None] if not stack else [i for i in range(n) if i in layers]
+    idx: list[int | None] = [None] if not stack else [i for i in range(n) if i in layers]
     if stack and len(idx) < n:
         spec = dataclasses.replace(
             spec,
             scaling=tuple(s if i in layers else 0.0 for i, s in enumerate(spec.scaling)),
-            layers=tuple(idx),
+            layers=tuple(i for i in idx if i is not None),
         )
     base = jax.ShapeDtypeStruct(spec.shape, jnp.float32)
     shapes = jax.eval_shape(lambda b: spec.init(jax.random.key(0), b, dtype), base)
@@ -1253,7 +1343,8 @@ def _fill(spec: Spec, init: _Init, layers: dict, scales, tensors, used, missing,
         if any(p is None for p in parts):  # `inject`'s values (a full stack: its layer i)
             fallback = np.asarray(init()[arr_name]).reshape((n, *layer_shape))
             parts = [fallback[i or 0] if p is None else p for i, p in zip(idx, parts)]
-        stacked = np.stack(parts).reshape(shape) if stack else parts[0]
+        full = [p for p in parts if p is not None]  # every slot is filled now
+        stacked = np.stack(full).reshape(shape) if stack else full[0]
         arrays[arr_name] = jnp.asarray(stacked, dtype)
     if scales is not None:
         every = range(n) if stack else [None]

@@ -40,6 +40,26 @@ class Layout:
       n_in: for ``dense``, how many axes are input (contracted) axes: the first ``n_in`` after
         the stack axes, or the last ``n_in`` with ``transposed``.
       transposed: for ``dense``, the weight stores output axes before input axes.
+
+    Pass one (or a dict ``{module regex or suffix: Layout}``, or a callable) as ``layouts=`` to
+    `inject`, `load_pretrained` and the other functions that read weights.
+
+    Raises:
+      UnsupportedModuleError: an unknown ``kind``, ``transposed`` on a non-dense weight,
+        ``stack < 0`` or ``n_in < 1``.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> pj.Layout(stack=1).in_out((2, 4, 3))  # 2 stacked layers of (in=4, out=3)
+      (4, 3)
+      >>> pj.Layout(transposed=True).in_out((3, 4))  # an (out, in) kernel
+      (4, 3)
+      >>> p = pj.inject({"layers": {"fc": {"kernel": jnp.ones((2, 4, 3))}}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0,
+      ...               layouts=pj.Layout(stack=1))
+      >>> p["layers"]["fc"]["kernel"].arrays["default"]["lora_A"].shape
+      (2, 4, 2)
     """
 
     kind: str = "dense"

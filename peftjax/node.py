@@ -44,9 +44,42 @@ _ARRAY_HINT = (
 
 @register_pytree_with_keys_class
 class Adapted:
-    """A weight leaf carrying adapters. Immutable: every transform returns a new node."""
+    """A weight leaf carrying adapters. Immutable: every transform returns a new node.
+
+    `pj.inject` builds these; use the transforms (`pj.merge`, `pj.set_active`, ...) rather than
+    the constructor. Using one as a plain array outside `pj.apply` raises `AdaptedArrayError`.
+
+    Attributes:
+      base: the base weight (an array, or a `Quantized` node); a pytree child.
+      arrays: ``{adapter name: {param: array}}`` (e.g. ``lora_A``, ``lora_B``); pytree
+        children, the only trainable arrays.
+      specs: ``((adapter name, Spec), ...)`` in injection order: each adapter's static
+        description (method, rank, scaling, layout...); aux data.
+      active: the active adapters' names, in activation order.
+      merged: the names merged into ``base``, in merge order.
+      frozen: the names that do not train (``inference_mode=True``, `pj.set_trainable`).
+      disabled: ``True`` while `pj.disable_adapters` makes the node act as its base weight.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> w = p["fc"]["kernel"]
+      >>> type(w).__name__, w.names, w.active, w.base.shape, sorted(w.arrays["default"])
+      ('Adapted', ('default',), ('default',), (4, 3), ['lora_A', 'lora_B'])
+      >>> w.spec("default").r
+      2
+    """
 
     __slots__ = ("base", "arrays", "specs", "active", "merged", "frozen", "disabled")
+    base: Any
+    arrays: dict[str, dict[str, Any]]
+    specs: tuple[tuple[str, Spec], ...]
+    active: tuple[str, ...]
+    merged: tuple[str, ...]
+    frozen: tuple[str, ...]
+    disabled: bool
 
     def __init__(
         self,

@@ -100,12 +100,14 @@ def prompt_inputs(
       ConfigError: ``task_ids`` missing (multitask) or given to another method, two active
         prompt adapters, prefix tuning without a ``model`` that takes a cache.
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> p = {"embed_tokens": {"embedding": jnp.ones((10, 4))}}
-    >>> p = pj.inject(p, pj.PromptTuningConfig(num_virtual_tokens=2), key=jax.random.key(0))
-    >>> b = pj.prompt_inputs(p, jnp.array([[3, 4, 5]]), jnp.ones((1, 3), jnp.int32))
-    >>> b["input_ids"].tolist(), b["attention_mask"].tolist()
-    ([[10, 11, 3, 4, 5]], [[1, 1, 1, 1, 1]])
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = {"embed_tokens": {"embedding": jnp.ones((10, 4))}}
+      >>> p = pj.inject(p, pj.PromptTuningConfig(num_virtual_tokens=2), key=jax.random.key(0))
+      >>> b = pj.prompt_inputs(p, jnp.array([[3, 4, 5]]), jnp.ones((1, 3), jnp.int32))
+      >>> b["input_ids"].tolist(), b["attention_mask"].tolist()
+      ([[10, 11, 3, 4, 5]], [[1, 1, 1, 1, 1]])
     """
     input_ids = _ids("input_ids", input_ids)
     if input_ids.ndim != 2:

@@ -2,10 +2,11 @@
 
 `quantize` replaces targeted float weight matrices by `Quantized` pytree nodes; `pj.inject`,
 `pj.apply`, `pj.partition`, `pj.count_parameters` and `pj.merge_and_unload` accept them.
-Inside `pj.apply` each `Quantized` weight is dequantized inside the traced step (under a
-``jax.checkpoint`` whose policy does not save the named dequantized weights; known gap: the
-unnamed float intermediates of the dequantization are still saved under ``jax.grad``, see
-`tests/test_quantize.py`).
+Inside `pj.apply` each `Quantized` weight stays packed until a matmul reads it: the decode and
+the matmul run in one ``jax.checkpoint``, so under ``jax.grad`` the residual is the packed
+weight and the backward decodes it again (no float copy of the weight is saved;
+`tests/test_quantize.py` checks the saved residuals). A stacked (``nn.scan``) quantized weight
+is decoded whole before the scan.
 
 NF4 is bitsandbytes' ``quantize_4bit(quant_type="nf4")`` bit for bit (`tests/test_quantize.py`
 checks it against a fixture made by bitsandbytes 0.50.2): the weight is flattened (row-major)
@@ -187,14 +188,32 @@ class Quantized:
     Arrays: NF4 ``packed`` (uint8, two codes a byte) and either ``absmax`` (float32) or, with
     double quantization, ``qabsmax`` (uint8), ``absmax2`` (float32, one per 256 absmax) and
     ``offset`` (float32 scalar); int8 ``q`` (int8, the weight's shape) and ``scale`` (float32).
+    Build one with `quantize` or `quantize_array`; `dense` gives the float weight back.
 
-    >>> import jax.numpy as jnp, peftjax as pj
-    >>> q = pj.quantize({"d": {"kernel": jnp.ones((64, 8))}})["d"]["kernel"]
-    >>> q.shape, q.scheme, q.dense().dtype
-    ((64, 8), 'nf4', dtype('float32'))
+    Attributes:
+      arrays: the stored arrays by name (above); the node's only pytree children.
+      shape: the logical (dequantized) weight's shape.
+      dtype: the weight's dtype before quantization (`dense`'s default).
+      scheme: ``"nf4"`` or ``"int8"``.
+      block_size: NF4's block size (bitsandbytes' ``blocksize``); kept but unused by int8.
+      double_quant: NF4: whether the absmax is itself quantized (QLoRA's double quantization).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.quantize({"d": {"kernel": jnp.ones((64, 8))}}, double_quant=False)
+      >>> q = p["d"]["kernel"]
+      >>> q.shape, q.scheme, sorted(q.arrays), q.dense().dtype
+      ((64, 8), 'nf4', ['absmax', 'packed'], dtype('float32'))
     """
 
     __slots__ = ("arrays", "shape", "dtype", "scheme", "block_size", "double_quant")
+    arrays: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: Any
+    scheme: str
+    block_size: int
+    double_quant: bool
 
     def __init__(self, arrays, shape, dtype, scheme, block_size, double_quant):
         object.__setattr__(self, "arrays", dict(arrays))
@@ -264,7 +283,25 @@ class Quantized:
 
 
 def is_quantized(x) -> bool:
-    """Whether ``x`` is a `Quantized` node."""
+    """Whether ``x`` is a `Quantized` node.
+
+    Args:
+      x: any value (a leaf of a params tree, an array, an ``Adapted`` leaf...). An adapted
+        weight whose base is quantized is not itself a `Quantized` node.
+
+    Returns:
+      ``True`` for a `Quantized` node, ``False`` for anything else.
+
+    Raises:
+      Nothing: any value is accepted.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.quantize({"fc": {"kernel": jnp.ones((64, 8))}, "norm": {"scale": jnp.ones(8)}})
+      >>> pj.is_quantized(p["fc"]["kernel"]), pj.is_quantized(p["norm"]["scale"])
+      (True, False)
+    """
     return isinstance(x, Quantized)
 
 
@@ -304,9 +341,11 @@ def quantize_array(w, *, scheme="nf4", block_size=64, double_quant=True, where="
       ArgumentTypeError: ``w`` is not a float array with 2 or more dims.
       ShapeError: ``block_size`` does not divide ``w.size``.
 
-    >>> import jax.numpy as jnp, peftjax as pj
-    >>> pj.quantize_array(jnp.ones((4, 16)), scheme="int8").arrays["q"].dtype
-    dtype('int8')
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> pj.quantize_array(jnp.ones((4, 16)), scheme="int8").arrays["q"].dtype
+      dtype('int8')
     """
     _check_options(scheme, block_size, double_quant)
     if isinstance(w, Quantized):
@@ -364,10 +403,12 @@ def quantize(params, *, scheme="nf4", block_size=64, double_quant=True, targets=
       ArgumentTypeError: a matched module has no float weight matrix.
       ShapeError: ``block_size`` does not divide a matched weight's size.
 
-    >>> import jax.numpy as jnp, peftjax as pj
-    >>> p = {"q_proj": {"kernel": jnp.ones((64, 64))}, "norm": {"scale": jnp.ones(64)}}
-    >>> pj.quantize(p)["q_proj"]["kernel"]
-    Quantized(nf4, float32[64, 64], block_size=64, double_quant)
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = {"q_proj": {"kernel": jnp.ones((64, 64))}, "norm": {"scale": jnp.ones(64)}}
+      >>> pj.quantize(p)["q_proj"]["kernel"]
+      Quantized(nf4, float32[64, 64], block_size=64, double_quant)
     """
     from . import paths as P
     from ._tree import group_modules, rebuild, walk, weight_leaf
@@ -439,10 +480,16 @@ def dequantize(params):
     Returns:
       A new tree without `Quantized` nodes; ``params`` is left unchanged.
 
-    >>> import jax.numpy as jnp, peftjax as pj
-    >>> p = pj.quantize({"d": {"kernel": jnp.ones((64, 8))}})
-    >>> float(pj.dequantize(p)["d"]["kernel"][0, 0])
-    1.0
+    Raises:
+      Nothing: any pytree is accepted (a tree without `Quantized` nodes comes back as it is).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.quantize({"d": {"kernel": jnp.ones((64, 8))}}, scheme="int8")
+      >>> w = pj.dequantize(p)["d"]["kernel"]
+      >>> pj.is_quantized(w), w.dtype, float(w[0, 0])
+      (False, dtype('float32'), 1.0)
     """
     from ._tree import rebuild, walk
 

@@ -33,12 +33,14 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec, Sharding
 
 from ._tree import dotted, keypath_to_names
 from .errors import ArgumentTypeError, ShardingError
 from .methods.base import IN, OUT, RANK, Spec
 from .node import Adapted, is_adapted
+
+AnyMesh = Mesh | AbstractMesh
 
 __all__ = ["ShardingError", "array_spec", "place", "shardings"]
 
@@ -148,7 +150,7 @@ def array_spec(
 # --------------------------------------------------------------------- reading base shardings
 
 
-def _entries(pspec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, where: str) -> tuple:
+def _entries(pspec: PartitionSpec, shape: tuple[int, ...], mesh: AnyMesh, where: str) -> tuple:
     """``pspec`` checked against the weight and the mesh, padded to one entry per axis."""
     if len(pspec) > len(shape):
         raise ShardingError(
@@ -174,20 +176,19 @@ def _logical(pspec: PartitionSpec, rules) -> PartitionSpec:
         return pspec
     import flax.linen as nn
 
-    return nn.logical_to_mesh_axes(tuple(pspec), rules)
+    out = nn.logical_to_mesh_axes(tuple(pspec), rules)
+    return PartitionSpec() if out is None else out
 
 
 def _base_leaves(base) -> list[tuple[tuple[str, ...], Any]]:
     """``[(names, sharding-like)]`` of a base sharding tree (Shardings, PartitionSpecs, ``None``,
     linen boxed params, nnx state with sharding metadata)."""
-    try:
-        import flax.linen as nn
-        import flax.nnx as nnx
-    except ImportError:  # pragma: no cover - flax is a dependency
-        nn = nnx = None
-    if nnx is not None and isinstance(base, nnx.State):
+    import flax.linen as nn
+    import flax.nnx as nnx
+
+    if isinstance(base, nnx.State):
         base = nnx.get_partition_spec(base)
-    elif nn is not None and any(
+    elif any(
         isinstance(x, nn.Partitioned)
         for x in jax.tree_util.tree_leaves(base, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     ):
@@ -288,23 +289,28 @@ def shardings(tree, base=None, *, mesh: Mesh | None = None, rules=None, rank_axi
     Raises:
       ShardingError: ``base`` does not have the params' structure, a spec names an axis the
         mesh lacks or has more entries than its array has axes, ``rank_axis`` does not divide
-        a rank; the message names the module path.
+        a rank or is not a mesh axis, a ``PartitionSpec`` leaf without ``mesh``, or (``base``
+        omitted) a leaf without a sharding; the message names the module path.
+      ArgumentTypeError: ``mesh`` is not a ``Mesh``, a leaf of ``base`` is not a sharding, a
+        ``PartitionSpec`` or ``None``, or ``rank_axis`` is not a str.
 
-    >>> import jax, jax.numpy as jnp, numpy as np, peftjax as pj
-    >>> from jax.sharding import Mesh, PartitionSpec as P
-    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("tensor",))
-    >>> p = pj.inject({"q": {"kernel": jnp.ones((4, 6))}},
-    ...               pj.LoraConfig(r=2, target_modules=["q"]), key=0)
-    >>> s = pj.shardings(p, {"q": {"kernel": P(None, "tensor")}}, mesh=mesh)
-    >>> s["q"]["kernel"].arrays["default"]["lora_B"].spec
-    P(None, 'tensor')
+    Example:
+
+      >>> import jax, jax.numpy as jnp, numpy as np, peftjax as pj
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> mesh = Mesh(np.array(jax.devices()[:1]), ("tensor",))
+      >>> p = pj.inject({"q": {"kernel": jnp.ones((4, 6))}},
+      ...               pj.LoraConfig(r=2, target_modules=["q"]), key=0)
+      >>> s = pj.shardings(p, {"q": {"kernel": P(None, "tensor")}}, mesh=mesh)
+      >>> s["q"]["kernel"].arrays["default"]["lora_B"].spec
+      P(None, 'tensor')
     """
     if mesh is not None and not isinstance(mesh, Mesh):
         raise ArgumentTypeError(f"`mesh`: expected a jax.sharding.Mesh, got {type(mesh).__name__}.")
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_adapted)
     names = [keypath_to_names(kp) for kp, _ in flat]
     if base is None:
-        given = [None] * len(flat)
+        given: list[Any] = [None] * len(flat)
         for i, (_, v) in enumerate(flat):
             b = v.base if is_adapted(v) else v
             s = getattr(b, "sharding", None)
@@ -342,9 +348,10 @@ def shardings(tree, base=None, *, mesh: Mesh | None = None, rules=None, rank_axi
         if not is_adapted(v):
             out.append(sh)
             continue
-        _check_rank_axis(rank_axis, [sh.mesh] if isinstance(sh, NamedSharding) else [])
+        mesh_of = [sh.mesh] if isinstance(sh, NamedSharding) else []
+        _check_rank_axis(rank_axis, mesh_of)
         arrays = (
-            _adapter_shardings(v, entries, sh.mesh, rank_axis, where)
+            _adapter_shardings(v, entries, mesh_of[0], rank_axis, where)
             if entries is not None
             else _replicated_like(v, sh)
         )

@@ -19,7 +19,7 @@ import functools
 import jax
 import numpy as np
 
-from .errors import PartitionError, PeftJaxError, ShapeError
+from .errors import ArgumentTypeError, PartitionError, PeftJaxError, ShapeError
 from .node import Adapted, is_adapted, is_weight_node
 
 
@@ -43,7 +43,31 @@ def _split_node(node: Adapted):
 
 
 def partition(params):
-    """Split into ``(trainable, frozen)``; see the module docstring."""
+    """Split into ``(trainable, frozen)``; see the module docstring.
+
+    Args:
+      params: the adapter-carrying tree (any pytree: one without adapters has nothing
+        trainable).
+
+    Returns:
+      ``(trainable, frozen)``, two trees with the structure of ``params``. ``trainable`` holds
+      only the arrays of the active, unmerged, not frozen adapters (every other leaf ``None``);
+      ``frozen`` holds everything else. `combine` joins them back.
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> trainable, frozen = pj.partition(p)
+      >>> [x.shape for x in jax.tree_util.tree_leaves(trainable)]  # lora_A, lora_B
+      [(4, 2), (2, 3)]
+      >>> [x.shape for x in jax.tree_util.tree_leaves(frozen)]  # the base weight
+      [(4, 3)]
+    """
     # a quantized weight (`pj.quantize`) is one frozen leaf: never in the trainable half
     t = jax.tree_util.tree_map(
         lambda x: _split_node(x)[0] if is_adapted(x) else None, params, is_leaf=is_weight_node
@@ -93,6 +117,31 @@ def combine(trainable, frozen):
     of ``trainable`` does not have the shape the adapter in ``frozen`` expects (trees from
     injections with different ranks). The checks use static shapes only (they work under
     ``jit``).
+
+    Args:
+      trainable: the first tree of ``pj.partition(params)`` (or an update of it: new arrays
+        of the same shapes, e.g. after an optimizer step).
+      frozen: the second tree of the same `partition` call.
+
+    Returns:
+      The full adapter-carrying tree, ``params``' structure, the arrays of ``trainable`` in
+      place.
+
+    Raises:
+      PartitionError: the two trees do not fit together (another structure, ``frozen`` not
+        the second half of a `partition`, arrays missing from ``trainable`` or arrays there
+        that never train).
+      ShapeError: an array of ``trainable`` has another shape than its adapter expects.
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> trainable, frozen = pj.partition(p)
+      >>> q = pj.combine(trainable, frozen)
+      >>> jax.tree_util.tree_structure(q) == jax.tree_util.tree_structure(p)
+      True
     """
 
     def join(kp, f, t):
@@ -109,6 +158,12 @@ def combine(trainable, frozen):
             raise PartitionError(
                 f"`combine`: at `{_keystr(kp)}` `frozen` has an adapted weight but `trainable` "
                 f"has {type(t).__name__}; pass `(trainable, frozen)` from `pj.partition`."
+            )
+        if f.base is None and t is not None and t.base is not None:
+            raise PartitionError(
+                f"`combine`: at `{_keystr(kp)}` the second tree has no base weight but the first "
+                "has one: the halves are swapped; call `pj.combine(trainable, frozen)` in the "
+                "order `pj.partition` returns them."
             )
         arrays = {}
         for n, a in f.arrays.items():
@@ -161,6 +216,24 @@ def trainable_mask(params):
     Note: ``optax.masked(tx, mask)`` alone passes the *raw gradients* of masked-out leaves
     through as updates, which would change frozen weights; use `adapter_optimizer` (or chain a
     masked ``optax.set_to_zero()`` for the complement) when training a single full tree.
+
+    Args:
+      params: the adapter-carrying tree.
+
+    Returns:
+      A tree of Python bools with the structure of ``params``, ``True`` on the arrays
+      `partition` puts in ``trainable`` and ``False`` everywhere else.
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> jax.tree_util.tree_leaves(pj.trainable_mask(p))  # base, lora_A, lora_B
+      [False, True, True]
     """
     t, _ = partition(params)
     full = jax.tree_util.tree_map(lambda x: x, params, is_leaf=is_weight_node)
@@ -187,7 +260,25 @@ def _size(x) -> int:
 def count_parameters(params) -> tuple[int, int]:
     """``(trainable, all)`` parameter counts, as HF PEFT's ``get_nb_trainable_parameters``:
     all = base weights plus every adapter's arrays; trainable = active, unmerged adapters that
-    are not frozen. Stacked layer slices excluded by ``layers_to_transform`` store nothing."""
+    are not frozen. Stacked layer slices excluded by ``layers_to_transform`` store nothing.
+
+    Args:
+      params: the adapter-carrying tree (or any pytree of arrays).
+
+    Returns:
+      ``(trainable, all)``, two ints.
+
+    Raises:
+      Nothing: any pytree is accepted (a leaf without ``shape`` counts as one parameter).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> pj.count_parameters(p)  # lora_A 4 * 2 + lora_B 2 * 3; all adds the 4 * 3 base
+      (14, 26)
+    """
     trainable = total = 0
     for x in jax.tree_util.tree_leaves(params, is_leaf=is_weight_node):  # Quantized: its shape
         if is_adapted(x):
@@ -209,7 +300,26 @@ def _peft_line(params) -> str:
 
 
 def print_trainable_parameters(params, print_fn=print) -> str:
-    """Print HF PEFT's line: ``trainable params: T || all params: A || trainable%: P``."""
+    """Print HF PEFT's line: ``trainable params: T || all params: A || trainable%: P``.
+
+    Args:
+      params: the adapter-carrying tree; counted by `count_parameters`.
+      print_fn: called with the line (default: ``print``); e.g. ``logging.info``.
+
+    Returns:
+      The line, as printed.
+
+    Raises:
+      TypeError: ``print_fn`` is not callable.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> line = pj.print_trainable_parameters(p)
+      trainable params: 14 || all params: 26 || trainable%: 53.8462
+    """
     line = _peft_line(params)
     print_fn(line)
     return line
@@ -221,6 +331,27 @@ def summary(params, print_fn=print) -> str:
     Columns: module path, leaf, base shape and dtype, adapter (method and rank), its
     parameter count, and its state (active / merged / off; ``disabled`` while
     `pj.disable_adapters` has the module act as its base weight; ``frozen`` when not trainable).
+
+    Args:
+      params: the adapter-carrying tree.
+      print_fn: called with the text (default: ``print``); e.g. ``logging.info``.
+
+    Returns:
+      The text, as printed (PEFT's line, then the table with one row per adapter and leaf).
+
+    Raises:
+      TypeError: ``print_fn`` is not callable.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> text = pj.summary(p)
+      trainable params: 14 || all params: 26 || trainable%: 53.8462
+      module  leaf    base           adapter             params  state
+      ------  ------  -------------  ------------------  ------  ------
+      fc      kernel  float32[4, 3]  default: lora(r=2)  14      active
     """
     from ._tree import walk
 
@@ -248,19 +379,44 @@ def summary(params, print_fn=print) -> str:
 def adapter_optimizer(tx, params):
     """Wrap optax transformation ``tx`` for training a single full tree of ``params``.
 
-    The trainable adapter arrays get ``tx``; every other leaf (base weights, inactive or
-    merged adapters) gets a zero update and no optimizer state (``optax.set_to_zero``). For
+    The trainable adapter arrays get ``tx``; every other leaf (base weights, inactive, merged
+    or frozen adapters) gets a zero update and no optimizer state (``optax.set_to_zero``). For
     the leanest training, prefer `partition` / `combine`: gradients are then never computed
     for frozen weights at all.
 
-    >>> import jax, jax.numpy as jnp, optax, peftjax as pj
-    >>> p = pj.inject({"q": {"kernel": jnp.ones((4, 4))}}, pj.LoraConfig(r=2, target_modules=["q"]),
-    ...               key=jax.random.key(0))
-    >>> opt = pj.adapter_optimizer(optax.adam(1e-2), p)
-    >>> state = opt.init(p)
+    Args:
+      tx: the optax ``GradientTransformation`` for the trainable adapter arrays.
+      params: the adapter-carrying tree (its structure and `trainable_mask` are read).
+
+    Returns:
+      An optax ``GradientTransformation`` (``optax.multi_transform``) for trees of ``params``'
+      structure.
+
+    Raises:
+      ArgumentTypeError: ``tx`` is not an optax ``GradientTransformation`` (it has no
+        ``init`` and ``update``).
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, optax, peftjax as pj
+      >>> p = pj.inject({"q": {"kernel": jnp.ones((4, 4))}},
+      ...               pj.LoraConfig(r=2, target_modules=["q"]), key=jax.random.key(0))
+      >>> opt = pj.adapter_optimizer(optax.sgd(0.1), p)
+      >>> grads = jax.tree_util.tree_map(jnp.ones_like, p)
+      >>> updates, state = opt.update(grads, opt.init(p), p)
+      >>> new = optax.apply_updates(p, updates)
+      >>> bool((new["q"]["kernel"].base == 1).all())  # the base weight did not move
+      True
+      >>> round(float(new["q"]["kernel"].arrays["default"]["lora_B"][0, 0]), 4)  # the adapter did
+      -0.1
     """
     import optax
 
+    if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        raise ArgumentTypeError(
+            f"`tx`: expected an optax GradientTransformation (with `init` and `update`), got "
+            f"{type(tx).__name__} {tx!r:.80}."
+        )
     labels = jax.tree_util.tree_map(
         lambda m: "adapter" if m else "frozen",
         trainable_mask(params),

@@ -12,6 +12,7 @@ import functools
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,23 @@ def adapter_names(params) -> tuple[str, ...]:
     order, ties broken by first appearance in the tree), so an adapter injected later is never
     listed before an earlier one that shares a module with it. The order of adapters that share
     no module (directly or through others) is not recorded and follows the tree.
+
+    Args:
+      params: any pytree; its adapter-carrying weights (`Adapted` nodes) are read.
+
+    Returns:
+      A tuple of adapter names, ``()`` for a tree without adapters.
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["fc"])
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> pj.adapter_names(pj.inject(p, cfg, key=1, name="other"))
+      ('default', 'other')
     """
     seen: dict[str, None] = {}
     after: dict[str, set[str]] = {}
@@ -73,12 +91,51 @@ def adapter_names(params) -> tuple[str, ...]:
 
 
 def active(params) -> tuple[str, ...]:
-    """The active adapter names (``()`` when adapters are off or there are none)."""
+    """The active adapter names (``()`` when adapters are off or there are none).
+
+    Args:
+      params: any pytree; its adapter-carrying weights (`Adapted` nodes) are read.
+
+    Returns:
+      A tuple of adapter names, in activation order. `pj.disable_adapters` keeps the active set
+      (as PEFT's ``active_adapters``); `set_active` with ``None`` empties it.
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["fc"])
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> pj.active(p), pj.active(pj.set_active(p, None))
+      (('default',), ())
+    """
     return global_active(walk(params)[0])
 
 
 def targeted_modules(params, name: str | None = None) -> list[str]:
-    """Sorted module paths carrying adapter ``name`` (any adapter when ``None``)."""
+    """Sorted module paths carrying adapter ``name`` (any adapter when ``None``).
+
+    Args:
+      params: the adapter-carrying tree.
+      name: an adapter name, or ``None`` for the modules carrying any adapter.
+
+    Returns:
+      A sorted list of dotted module paths (``[]`` for a tree without adapters).
+
+    Raises:
+      AdapterNameError: ``params`` has no adapter ``name``.
+      AdapterNameTypeError: ``name`` is not a str.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = {"fc": {"kernel": jnp.ones((4, 3))}, "out": {"kernel": jnp.ones((3, 2))}}
+      >>> p = pj.inject(p, pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> pj.targeted_modules(p), pj.targeted_modules(p, "default")
+      (['fc'], ['fc'])
+    """
     if name is not None:
         check_names(params, [name], "name")
     mods = set()
@@ -248,11 +305,26 @@ def inject(
       A new tree; ``params`` is left unchanged. On ``jax.ShapeDtypeStruct`` leaves the call runs
       under ``jax.eval_shape`` and every leaf of the result is a ``ShapeDtypeStruct``.
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> p = {"q_proj": {"kernel": jnp.ones((4, 6))}}
-    >>> p2 = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(0))
-    >>> pj.targeted_modules(p2)
-    ['q_proj']
+    Raises:
+      ConfigError: ``config`` is not a peftjax config, a field the tree cannot serve (e.g.
+        ``target_modules=None``), or one trainable adapter more than the method allows
+        (``max_trainable``: AdaLoRA trains one at a time).
+      AdapterNameError: ``name`` is empty, not a str, or already in ``params``.
+      ArgumentTypeError: ``key``, ``activate``, ``trainable`` or ``layouts`` of the wrong type.
+      TargetError: ``target_modules``, ``exclude_modules``, ``layers_to_transform``,
+        ``modules_to_save``, ``target_parameters`` or a ``layouts`` key selects nothing, or is
+        malformed; the message names the field.
+      UnsupportedModuleError: a targeted weight the method cannot adapt (its kind or shape).
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = {"q_proj": {"kernel": jnp.ones((4, 6))}}
+      >>> p2 = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q_proj"]), key=jax.random.key(0))
+      >>> pj.targeted_modules(p2)
+      ['q_proj']
+      >>> {k: v.shape for k, v in p2["q_proj"]["kernel"].arrays["default"].items()}
+      {'lora_A': (4, 2), 'lora_B': (2, 6)}
     """
     if not isinstance(config, AdapterConfig):
         raise ConfigError(f"`config` must be a peftjax config, got {type(config).__name__}.")
@@ -342,7 +414,7 @@ def _build(config, plan, leaves, groups, save_paths, key, name, dtype, act, froz
         add(w, spec, spec.init(mkey, as_float(w.base), dtype))
         b = bias_leaf(groups[item.module], w)
         companion = spec.bias_companion(tuple(b.base.shape), w.name) if b is not None else None
-        if companion is not None:
+        if b is not None and companion is not None:
             add(b, companion, {})
     for mod in save_paths:
         for l in subtree_leaves(groups, mod):
@@ -365,6 +437,28 @@ def set_active(params, names: str | Sequence[str] | None):
 
     As PEFT's ``set_adapter``: on a tree with merged adapters, every merged adapter is
     unmerged first (with a warning), then ``names`` become active (unmerged).
+
+    Args:
+      params: the adapter-carrying tree.
+      names: the adapters to activate, in order: a str, a list of str, or ``None`` / ``[]``
+        (no adapter acts: the base model).
+
+    Returns:
+      A new tree whose active adapters are ``names``.
+
+    Raises:
+      AdapterNameError: an unknown name, a name listed twice, or two adapters that each replace
+        one module (LN tuning / ``modules_to_save``).
+      AdapterNameTypeError: ``names`` is not a str, a list of str or ``None``.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["fc"])
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> p = pj.inject(p, cfg, key=1, name="other")
+      >>> pj.active(p), pj.active(pj.set_active(p, ["default", "other"]))
+      (('default',), ('default', 'other'))
     """
     names = names_arg(names, "names")
     check_names(params, names, "names")
@@ -397,6 +491,27 @@ def set_trainable(params, names: str | Sequence[str] | None = None, trainable: b
     A frozen adapter still acts (when active) but `partition`, `trainable_mask`,
     `adapter_optimizer` and `count_parameters` treat its arrays as frozen, as PEFT does for an
     adapter made with ``inference_mode=True`` (or loaded with ``is_trainable=False``).
+
+    Args:
+      params: the adapter-carrying tree.
+      names: an adapter name or a list of names; ``None`` (default): every adapter.
+      trainable: ``True`` to train the adapters, ``False`` to freeze them.
+
+    Returns:
+      A new tree with the adapters marked; arrays and active set unchanged.
+
+    Raises:
+      AdapterNameError: an unknown name in ``names``.
+      AdapterNameTypeError: ``names`` is not a str, a list of str or ``None``.
+      ArgumentTypeError: ``trainable`` is not a bool.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> pj.count_parameters(p), pj.count_parameters(pj.set_trainable(p, "default", False))
+      ((14, 26), (0, 26))
     """
     if not isinstance(trainable, (bool, np.bool_)):
         raise ArgumentTypeError(f"`trainable`: expected a bool, got {trainable!r}.")
@@ -418,14 +533,57 @@ def set_trainable(params, names: str | Sequence[str] | None = None, trainable: b
 
 
 def frozen_adapters(params) -> tuple[str, ...]:
-    """Names of the adapters marked frozen (`set_trainable`, ``inference_mode=True``)."""
+    """Names of the adapters marked frozen (`set_trainable`, ``inference_mode=True``).
+
+    Args:
+      params: any pytree; its adapter-carrying weights (`Adapted` nodes) are read.
+
+    Returns:
+      A tuple of adapter names, in `adapter_names` order (``()`` when none is frozen).
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["fc"])
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> p = pj.inject(p, cfg, key=1, name="other", trainable=False)
+      >>> pj.frozen_adapters(p), pj.frozen_adapters(pj.set_trainable(p))
+      (('other',), ())
+    """
     fz = {n for node in adapted_nodes(walk(params)[0]) for n in node.frozen}
     return tuple(n for n in adapter_names(params) if n in fz)
 
 
 def delete(params, name: str):
     """Remove adapter ``name`` everywhere. If it was active, the other active ones stay active;
-    if none remain, the first of the sorted remaining names becomes active (as PEFT)."""
+    if none remain, the first of the sorted remaining names becomes active (as PEFT).
+
+    Args:
+      params: the adapter-carrying tree.
+      name: the adapter to remove.
+
+    Returns:
+      A new tree without ``name``; a weight left with no adapter is a plain array again.
+
+    Raises:
+      AdapterNameError: ``params`` has no adapter ``name``.
+      AdapterNameTypeError: ``name`` is not a str.
+      MergeError: ``name`` is merged (`unmerge` it first).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.LoraConfig(r=2, target_modules=["fc"])
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> p = pj.delete(pj.inject(p, cfg, key=1, name="other"), "default")
+      >>> pj.adapter_names(p), pj.active(p)
+      (('other',), ('other',))
+      >>> type(pj.delete(p, "other")["fc"]["kernel"]).__name__
+      'ArrayImpl'
+    """
     check_names(params, [name], "name")
     leaves, treedef = walk(params)
     for l in leaves:
@@ -551,7 +709,8 @@ def _fold(node: Adapted, group, names, undo: bool, groups=None):
         if w is None:
             w = base.astype(jnp.float32)
         if spec.role == DERIVED:
-            w = spec.derived_value(w, *owner_of(group, spec, n), undo=undo)
+            derived: Any = spec  # a derived spec (IA3's bias) computes its value from its owner
+            w = derived.derived_value(w, *owner_of(group, spec, n), undo=undo)
             continue
         fn = _unmerge_kernel if undo else _merge_kernel
         near = group[0].module if group else None
@@ -571,8 +730,35 @@ def merge(params, names: str | Sequence[str] | None = None, *, safe: bool = Fals
     dtype. Disabled params (`pj.disable_adapters`) are refused: `pj.enable_adapters` first.
 
     Args:
+      params: the adapter-carrying tree.
+      names: the adapters to merge, in order: a str or a list of str; ``None`` (default): the
+        active adapters.
       safe: raise `MergeError` naming the module if any merged value is not finite; nothing is
         returned half-merged.
+
+    Returns:
+      A new tree whose base weights hold the merged adapters, which stay recorded (as
+      ``merged``) so that `unmerge` can take them out; `pj.apply` gives the same outputs.
+
+    Raises:
+      AdapterNameError: an unknown name, or a name listed twice, in ``names``.
+      AdapterNameTypeError: ``names`` is not a str, a list of str or ``None``.
+      ArgumentTypeError: ``safe`` is not a bool.
+      MergeError: disabled params, a prompt-learning adapter, a quantized base weight (use
+        `merge_and_unload`), a VeRA adapter whose shared arrays are not in the tree, or (with
+        ``safe=True``) a non-finite result or traced weights.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False), key=0)
+      >>> m = pj.merge(p)
+      >>> m["fc"]["kernel"].merged
+      ('default',)
+      >>> f = pj.apply(lambda p, x: x @ p["fc"]["kernel"])
+      >>> bool(jnp.allclose(f(p, jnp.ones((2, 4))), f(m, jnp.ones((2, 4))), atol=1e-5))
+      True
     """
     if not isinstance(safe, (bool, np.bool_)):
         raise ArgumentTypeError(f"`safe`: expected a bool, got {safe!r}.")
@@ -682,7 +868,28 @@ def _warn_merged(leaves, names) -> None:
 
 
 def unmerge(params):
-    """Undo `merge`: every merged adapter is taken out, last merged first."""
+    """Undo `merge`: every merged adapter is taken out, last merged first.
+
+    Args:
+      params: the adapter-carrying tree, with merged adapters.
+
+    Returns:
+      A new tree with no merged adapter; each base weight is back to its value before `merge`
+      (up to float rounding), in its own dtype.
+
+    Raises:
+      MergeError: no adapter is merged, or a merged VeRA adapter's shared arrays are not in
+        the tree.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False), key=0)
+      >>> u = pj.unmerge(pj.merge(p))
+      >>> u["fc"]["kernel"].merged, bool(jnp.allclose(u["fc"]["kernel"].base, 1.0, atol=1e-6))
+      ((), True)
+    """
     leaves, treedef = walk(params)
     if not any(node.merged for node in adapted_nodes(leaves)):
         raise MergeError("`unmerge`: no adapter is merged.")
@@ -703,7 +910,28 @@ def unmerge(params):
 def constrain(params):
     """Every adapter's arrays with its method's constraint applied (`Spec.constrain`): PEFT
     rewrites constrained parameters (OFT's COFT projection) in place before each forward, so
-    calling this after each optimizer step trains as PEFT does. Identity for other methods."""
+    calling this after each optimizer step trains as PEFT does. Identity for other methods.
+
+    Args:
+      params: the adapter-carrying tree (or the ``trainable`` half of `pj.partition`).
+
+    Returns:
+      A new tree of the same structure, the constrained arrays replaced.
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.OFTConfig(r=0, oft_block_size=2, target_modules=["fc"], coft=True, eps=1e-3,
+      ...                    init_weights=False)
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> big = jax.tree_util.tree_map(lambda x: 100 * x, p)  # as if a large step was taken
+      >>> norm = lambda q: float(jnp.linalg.norm(q["fc"]["kernel"].arrays["default"]["oft_R"]))
+      >>> norm(big) > 1e-2, norm(pj.constrain(big)) < 1e-3
+      (True, True)
+    """
     leaves, treedef = walk(params)
     out = []
     for l in leaves:
@@ -738,13 +966,34 @@ def merge_and_unload(
     quantization. With ``requantize=True`` each weight that was quantized is quantized again
     with its scheme, block size and double quantization (QLoRA's merged 4-bit model).
 
-    >>> import jax, jax.numpy as jnp, peftjax as pj
-    >>> p = pj.quantize({"q": {"kernel": jnp.ones((64, 8))}})
-    >>> p = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q"]), key=jax.random.key(0))
-    >>> type(pj.merge_and_unload(p)["q"]["kernel"]).__name__
-    'ArrayImpl'
-    >>> pj.merge_and_unload(p, requantize=True)["q"]["kernel"].scheme
-    'nf4'
+    Args:
+      params: the adapter-carrying tree.
+      names: the adapters to merge, in order: a str or a list of str; ``None`` (default): the
+        active adapters. Adapters already merged stay merged; the others are dropped.
+      safe: raise `MergeError` naming the module if any merged value is not finite.
+      requantize: quantize each weight that was quantized again after merging.
+
+    Returns:
+      A plain tree (no `Adapted` node) with the structure, shapes and dtypes of the tree the
+      adapters were injected into.
+
+    Raises:
+      AdapterNameError: an unknown name, or a name listed twice, in ``names``.
+      AdapterNameTypeError: ``names`` is not a str, a list of str or ``None``.
+      ArgumentTypeError: ``safe`` or ``requantize`` is not a bool.
+      MergeError: a prompt-learning adapter in ``names``, a VeRA adapter whose shared arrays
+        are not in the tree, or (with ``safe=True``) a non-finite result or traced weights.
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> p = pj.quantize({"q": {"kernel": jnp.ones((64, 8))}}, scheme="int8")
+      >>> p = pj.inject(p, pj.LoraConfig(r=2, target_modules=["q"]), key=jax.random.key(0))
+      >>> w = pj.merge_and_unload(p)["q"]["kernel"]
+      >>> type(w).__name__, w.shape, w.dtype
+      ('ArrayImpl', (64, 8), dtype('float32'))
+      >>> pj.merge_and_unload(p, requantize=True)["q"]["kernel"].scheme
+      'int8'
     """
     if not isinstance(requantize, (bool, np.bool_)):
         raise ArgumentTypeError(f"`requantize`: expected a bool, got {requantize!r}.")
@@ -777,7 +1026,30 @@ def merge_and_unload(
 
 
 def unload(params):
-    """The original base tree, adapters dropped (merged adapters are unmerged first)."""
+    """The original base tree, adapters dropped (merged adapters are unmerged first).
+
+    Args:
+      params: the adapter-carrying tree.
+
+    Returns:
+      A plain tree (no `Adapted` node) with the structure, shapes and dtypes of the tree the
+      adapters were injected into.
+
+    Raises:
+      MergeError: a merged VeRA adapter's shared arrays are not in the tree (it cannot be
+        unmerged).
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> base = {"fc": {"kernel": jnp.ones((4, 3))}}
+      >>> p = pj.inject(base, pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> out = pj.unload(pj.merge(p))
+      >>> jax.tree_util.tree_structure(out) == jax.tree_util.tree_structure(base)
+      True
+      >>> bool(jnp.allclose(out["fc"]["kernel"], base["fc"]["kernel"]))
+      True
+    """
     if any(node.merged for node in adapted_nodes(walk(params)[0])):
         params = unmerge(params)
     return _strip(params)

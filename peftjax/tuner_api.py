@@ -79,7 +79,25 @@ def _with_node(l: Leaf, node: Adapted) -> Leaf:
 
 def adapters_disabled(params) -> bool:
     """Whether the adapters of ``params`` are disabled (`disable_adapters`); ``False`` for a
-    tree without adapters."""
+    tree without adapters.
+
+    Args:
+      params: any pytree; its adapter-carrying weights (`Adapted` nodes) are read.
+
+    Returns:
+      ``True`` while `disable_adapters` is in effect, else ``False``.
+
+    Raises:
+      Nothing: any pytree is accepted.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> pj.adapters_disabled(p), pj.adapters_disabled(pj.disable_adapters(p))
+      (False, True)
+    """
     return any(node.disabled for node in adapted_nodes(walk(params)[0]))
 
 
@@ -97,6 +115,24 @@ def disable_adapters(params):
 
     Adapters injected into disabled params on modules that had none are not disabled (PEFT's
     new layers are not either); `disable_adapters` again disables them.
+
+    Args:
+      params: the adapter-carrying tree.
+
+    Returns:
+      A new tree whose adapters are disabled (and unmerged), the active set unchanged.
+
+    Raises:
+      AdapterNameError: ``params`` carries no adapter.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> d = pj.disable_adapters(p)
+      >>> pj.active(d), pj.count_parameters(d)  # still active, but nothing trains
+      (('default',), (0, 26))
     """
     leaves, treedef = _require_adapters(params, "disable_adapters")
     merged = sorted({n for node in adapted_nodes(leaves) for n in node.merged})
@@ -119,7 +155,26 @@ def disable_adapters(params):
 
 def enable_adapters(params):
     """Undo `disable_adapters`: every adapter acts again as it did (same active set, same
-    frozen adapters). On params that are not disabled it changes nothing."""
+    frozen adapters). On params that are not disabled it changes nothing.
+
+    Args:
+      params: the adapter-carrying tree.
+
+    Returns:
+      A new tree whose adapters are enabled.
+
+    Raises:
+      AdapterNameError: ``params`` carries no adapter.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> e = pj.enable_adapters(pj.disable_adapters(p))
+      >>> pj.adapters_disabled(e), pj.count_parameters(e)
+      (False, (14, 26))
+    """
     leaves, treedef = _require_adapters(params, "enable_adapters")
     return rebuild(
         treedef,
@@ -141,6 +196,28 @@ def set_requires_grad(params, adapter_names: str | Sequence[str], requires_grad:
     `pj.adapter_optimizer` and `pj.count_parameters` leave its arrays out (`pj.set_trainable`).
     Arrays a method never trains (`Spec.frozen_arrays`) stay frozen when ``requires_grad=True``,
     as PEFT re-freezes them. Unlike PEFT, an unknown adapter name is an error, not ignored.
+
+    Args:
+      params: the adapter-carrying tree.
+      adapter_names: an adapter name or a list of names (``[]``: no change).
+      requires_grad: ``True`` to train the adapters, ``False`` to freeze them.
+
+    Returns:
+      A new tree with the adapters marked.
+
+    Raises:
+      AdapterNameError: an unknown name in ``adapter_names``.
+      AdapterNameTypeError: ``adapter_names`` is ``None``, or not a str or a list of str.
+      ArgumentTypeError: ``requires_grad`` is not a bool.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> f = pj.set_requires_grad(p, "default", requires_grad=False)
+      >>> pj.frozen_adapters(f), pj.count_parameters(f)
+      (('default',), (0, 26))
     """
     if adapter_names is None:
         raise AdapterNameTypeError(
@@ -259,6 +336,32 @@ def set_scale(params, adapter: str, scale):
 
     Refused for a merged adapter (`pj.unmerge` first) and for methods without a scale. The new
     scaling is the adapter's from then on (`pj.save_pretrained` writes the matching alpha).
+
+    Args:
+      params: the adapter-carrying tree.
+      adapter: the adapter's name.
+      scale: a finite real number (a Python number or a 0-d array), relative to the scaling
+        the adapter was made with.
+
+    Returns:
+      A new tree with the adapter's scaling changed on every module.
+
+    Raises:
+      AdapterNameError: ``params`` has no adapter ``adapter``.
+      AdapterNameTypeError: ``adapter`` is not a str.
+      ArgumentTypeError: ``scale`` is not a finite real number (or is traced).
+      MergeError: the adapter is merged.
+      UnsupportedModuleError: the adapter's method has no ``alpha / r`` scaling.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> p["fc"]["kernel"].spec("default").scaling  # lora_alpha / r = 8 / 2
+      (4.0,)
+      >>> pj.set_scale(p, "default", 0.5)["fc"]["kernel"].spec("default").scaling
+      (2.0,)
     """
     if not isinstance(adapter, str):
         raise AdapterNameTypeError(
@@ -280,7 +383,30 @@ def _active_here(node: Adapted) -> list[str]:
 
 def scale_layer(params, scale):
     """PEFT's ``scale_layer(scale)`` on every module: the scaling of each active adapter is
-    multiplied by ``scale`` (relative to its current value; ``scale == 1`` changes nothing)."""
+    multiplied by ``scale`` (relative to its current value; ``scale == 1`` changes nothing).
+
+    Args:
+      params: the adapter-carrying tree.
+      scale: a finite real number (a Python number or a 0-d array).
+
+    Returns:
+      A new tree with the active adapters' scaling multiplied by ``scale``.
+
+    Raises:
+      AdapterNameError: ``params`` carries no adapter.
+      ArgumentTypeError: ``scale`` is not a finite real number (or is traced).
+      MergeError: an active adapter is merged.
+      UnsupportedModuleError: an active adapter's method has no ``alpha / r`` scaling.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> twice = pj.scale_layer(pj.scale_layer(p, 0.5), 0.5)
+      >>> twice["fc"]["kernel"].spec("default").scaling  # 4.0 * 0.5 * 0.5
+      (1.0,)
+    """
     s = _scale_arg(scale, "scale")
     if s == 1.0:  # PEFT returns at once
         leaves, treedef = _require_adapters(params, "scale_layer")
@@ -291,7 +417,32 @@ def scale_layer(params, scale):
 def unscale_layer(params, scale=None):
     """PEFT's ``unscale_layer(scale=None)`` on every module: the scaling of each active adapter
     is divided by ``scale``, or reset to the scaling it was made with (``alpha / r``) when
-    ``scale`` is ``None``."""
+    ``scale`` is ``None``.
+
+    Args:
+      params: the adapter-carrying tree.
+      scale: a finite, nonzero real number, or ``None`` (default) to reset the scaling.
+
+    Returns:
+      A new tree with the active adapters' scaling divided by ``scale`` (or reset).
+
+    Raises:
+      AdapterNameError: ``params`` carries no adapter.
+      ArgumentTypeError: ``scale`` is not a finite, nonzero real number (or is traced).
+      MergeError: an active adapter is merged.
+      UnsupportedModuleError: an active adapter's method has no ``alpha / r`` scaling.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> s = pj.scale_layer(p, 0.5)
+      >>> pj.unscale_layer(s, 4)["fc"]["kernel"].spec("default").scaling  # 2.0 / 4
+      (0.5,)
+      >>> pj.unscale_layer(s)["fc"]["kernel"].spec("default").scaling  # back to 8 / 2
+      (4.0,)
+    """
     if scale is None:
         return _rescale(params, _active_here, lambda init, cur: init, "unscale_layer")
     s = _scale_arg(scale, "scale", nonzero=True)
@@ -326,6 +477,31 @@ def get_delta_weight(params, module_path: str, name: str = "default") -> jax.Arr
     weight: every layer slice, ``0`` on slices the adapter excludes), with its current scaling,
     whether active, inactive or merged. For additive methods (the base weight plus this delta);
     DoRA gives its low-rank part ``scale * A @ B`` as PEFT's does. Other methods are refused.
+
+    Args:
+      params: the adapter-carrying tree.
+      module_path: the dotted module path, as `pj.targeted_modules` lists it.
+      name: the adapter's name.
+
+    Returns:
+      A float32 array of the base weight's shape.
+
+    Raises:
+      AdapterNameError: ``params`` has no adapter ``name``.
+      AdapterNameTypeError: ``name`` is not a str.
+      ArgumentTypeError: ``module_path`` is not a str.
+      TargetError: no module ``module_path``, or it does not carry ``name``.
+      UnsupportedModuleError: the method adds no delta to the weight (IA3, OFT, prompt
+        learning...).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}},
+      ...               pj.LoraConfig(r=2, target_modules=["fc"]), key=0)
+      >>> d = pj.get_delta_weight(p, "fc")
+      >>> d.shape, d.dtype, float(jnp.abs(d).max())  # LoRA starts as the zero delta
+      ((4, 3), dtype('float32'), 0.0)
     """
     if not isinstance(module_path, str):
         raise ArgumentTypeError(
@@ -343,14 +519,16 @@ def get_delta_weight(params, module_path: str, name: str = "default") -> jax.Arr
     group = groups.get(module_path)
     cands = [l for l in group or () if is_adapted(l.value) and name in l.value.names]
     if not cands:
-        what = "no module" if group is None else "module"
+        problem = (
+            f"no module `{module_path}`"
+            if group is None
+            else f"module `{module_path}` carries no adapter {name!r}"
+        )
         raise TargetError(
-            f"`module_path`: {what} `{module_path}`"
-            + (" carries no adapter" if group is not None else "")
-            + f" {name!r}; adapter {name!r} is on {carrying[:8]}"
+            f"`module_path`: {problem}; adapter {name!r} is on {carrying[:8]}"
             + (f" and {len(carrying) - 8} more." if len(carrying) > 8 else ".")
         )
-    w = weight_leaf(group)
+    w = weight_leaf(group or [])  # `cands` is not empty, so `group` is not None
     deltas = [l for l in cands if l.value.spec(name).role == DELTA]
     leaf = next((l for l in deltas if l is w), deltas[0] if deltas else cands[0])
     node = leaf.value

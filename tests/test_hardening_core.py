@@ -170,6 +170,19 @@ def test_combine_with_the_original_params_is_refused():
         jax.jit(pj.combine)(t, p)
 
 
+def test_combine_with_the_halves_swapped_is_refused():
+    # every leaf adapted: the swapped trees have the same structure, so only the check of the
+    # base weights can tell
+    q = pj.inject(
+        {"fc": {"kernel": jnp.ones((4, 3))}}, pj.LoraConfig(r=2, target_modules=["fc"]), key=KEY
+    )
+    t, f = pj.partition(q)
+    with pytest.raises(pj.PartitionError, match=r"fc\.kernel.*swapped"):
+        pj.combine(f, t)
+    with pytest.raises(pj.PartitionError, match="swapped"):
+        jax.jit(pj.combine)(f, t)
+
+
 def test_combine_with_mismatched_ranks_names_path_adapter_array_and_shapes():
     p = _mlp()
     t4, _ = pj.partition(pj.inject(p, LORA, key=KEY))
@@ -380,3 +393,11 @@ def test_flax_gpt2_out_in_kernels_need_transposed_layouts(gpt2):
     base = jax.jit(run)
     np.testing.assert_allclose(y, base(pj.merge_and_unload(qt), ids), rtol=1e-4, atol=1e-4)
     assert float(jnp.abs(y - base(params, ids)).max()) > 1e-3
+
+
+def test_adapter_optimizer_refuses_a_non_optax_tx():
+    q = pj.inject(
+        {"fc": {"kernel": jnp.ones((4, 3))}}, pj.LoraConfig(target_modules=["fc"]), key=KEY
+    )
+    with pytest.raises(pj.ArgumentTypeError, match="`tx`: expected an optax"):
+        pj.adapter_optimizer(0.1, q)

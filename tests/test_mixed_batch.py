@@ -203,9 +203,9 @@ def test_unknown_name_and_index():
         pj.apply(_llama_fn, adapter_ids=["a", "nope"])(p, IDS[:2])
     with pytest.raises(pj.errors.AdapterNameError, match="index 3 is out of range"):
         pj.apply(_llama_fn, adapter_ids=np.array([0, 3]))(p, IDS[:2])
-    with pytest.raises(TypeError, match="not a single string"):
+    with pytest.raises(pj.ArgumentTypeError, match="not a single string"):
         pj.apply(_llama_fn, adapter_ids="a")(p, IDS[:2])
-    with pytest.raises(TypeError, match="1-D integer array"):
+    with pytest.raises(pj.ArgumentTypeError, match="1-D integer array"):
         pj.apply(_llama_fn, adapter_ids=np.array([0.5, 1.0]))(p, IDS[:2])
 
 

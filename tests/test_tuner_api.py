@@ -400,7 +400,11 @@ def test_get_delta_weight_errors():
     before = snapshot(q)
     cases = [
         (lambda: pj.get_delta_weight(q, "fc1", "i"), pj.UnsupportedModuleError, "method ia3"),
-        (lambda: pj.get_delta_weight(q, "fc3", "a"), pj.TargetError, "no module `fc3`"),
+        (
+            lambda: pj.get_delta_weight(q, "fc3", "a"),
+            pj.TargetError,
+            "no module `fc3`; adapter 'a' is on",
+        ),
         (
             lambda: pj.get_delta_weight(q, "fc2", "i"),
             pj.TargetError,

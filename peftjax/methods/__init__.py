@@ -322,8 +322,27 @@ def method_of_peft_type(peft_type: Any) -> Method:
 def config_from_dict(d: Mapping[str, Any]) -> AdapterConfig:
     """Builds the right config class from a parsed `adapter_config.json`, by its `peft_type`.
 
-    >>> config_from_dict({"peft_type": "LOKR", "r": 4}).r
-    4
+    PEFT fields that do not change the math and keys unknown to PEFT are ignored (as PEFT
+    ignores them); the other fields are checked as the config class checks them.
+
+    Args:
+      d: the parsed ``adapter_config.json`` (PEFT's or peftjax's), with a ``peft_type`` key
+        (any case): ``"LORA"``, ``"LOHA"``, ``"LOKR"``, ``"IA3"``, ``"ADALORA"``...
+
+    Returns:
+      An instance of the matching config class (``LoraConfig``, ``LoKrConfig``, ...).
+
+    Raises:
+      ConfigError: ``d`` is not a mapping; a missing or unknown ``peft_type``; an invalid
+        field value; a math-changing PEFT field peftjax does not implement set to a
+        non-default value.
+
+    Example:
+
+      >>> import peftjax as pj
+      >>> cfg = pj.config_from_dict({"peft_type": "LOKR", "r": 4, "target_modules": ["fc"]})
+      >>> type(cfg).__name__, cfg.r, cfg.target_modules
+      ('LoKrConfig', 4, ('fc',))
     """
     if not isinstance(d, Mapping):
         raise ConfigError(f"expected a dict parsed from adapter_config.json, got {d!r}.")

@@ -111,6 +111,11 @@ def _project(attn: Any, name: str, x: jax.Array) -> jax.Array:
     if _has_submodule(attn, name):
         return getattr(attn, name)(x)
     p = _params_of(attn, name)
+    if p is None:
+        raise UnsupportedModuleError(
+            f"module `{_where(attn)}` has no `{name}`: neither a submodule attribute nor params "
+            "with a kernel"
+        )
     kernel = jnp.asarray(p["kernel"])
     if kernel.ndim != 2:
         raise UnsupportedModuleError(

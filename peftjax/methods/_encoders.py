@@ -64,7 +64,7 @@ def _pos_int(name: str, v) -> int:
     return int(v)
 
 
-def _lstm_names(k: int, suffix: str) -> tuple[str, str, str, str]:
+def _lstm_names(k: int, suffix: str) -> tuple[str, ...]:
     return tuple(
         f"lstm_head.{p}_l{k}{suffix}" for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
     )

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -185,9 +185,66 @@ class AdaLoraConfig(AdapterConfig):
     allocator's result, ``{"<module>.lora_E": [init_r bools]}``: a module it names has
     ``sum(mask)`` triplets (how PEFT loads a pruned adapter).
 
-    >>> cfg = AdaLoraConfig(init_r=6, lora_alpha=8, total_step=100, target_modules=["fc1"])
-    >>> round(cfg.scaling(6, 8), 6)
-    1.333331
+    Attributes:
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
+        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
+        written to ``adapter_config.json``.
+      base_model_name_or_path: the base model's name or path; metadata, written to the file.
+      revision: the base model's revision; metadata, written to the file.
+      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
+        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      target_modules: the modules to adapt: a regex (full match of the module path),
+        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
+        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
+        per-model default targets.
+      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
+        suffixes; ``None`` (or empty): none.
+      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
+        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      target_r: the average rank per module the allocator masks down to.
+      init_r: every module's initial rank (the triplets ``lora_A``, ``lora_E``, ``lora_B``).
+      tinit: warm-up steps before the first mask.
+      tfinal: steps at the end with the final mask fixed (fine-tuning).
+      deltaT: steps between two masks in the budgeting phase.
+      beta1: the EMA factor of the importance (sensitivity) smoothing, in (0, 1).
+      beta2: the EMA factor of the importance uncertainty, in (0, 1).
+      orth_reg_weight: the weight of the orthogonal regulariser (`adalora_orth_reg`) in the loss, >=
+        0.
+      total_step: the total number of training steps (required, > ``tinit + tfinal``).
+      rank_pattern: the allocator's result, ``{"<module>.lora_E": [init_r bools]}``: a module it
+        names has ``sum(mask)`` triplets (how PEFT loads a pruned adapter); ``None``: every module
+        at ``init_r``.
+      r: a LoRA field AdaLoRA ignores, as PEFT does (saved as given); use ``init_r``.
+      lora_alpha: the scale's numerator: ``scaling = lora_alpha / init_r`` (kept after pruning, as
+        PEFT).
+      lora_dropout: dropout probability on the adapter's input while training (when `pj.apply` gets
+        an ``rng``).
+      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
+        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
+        ``Conv1D``).
+      bias: PEFT's trainable biases: only ``"none"`` is supported (``"all"`` / ``"lora_only"`` raise
+        `ConfigError`).
+      use_rslora: a LoRA field AdaLoRA ignores, as PEFT does.
+      init_lora_weights: ``True`` (or ``"gaussian"``): ``lora_E = 0`` and ``lora_A``, ``lora_B`` ~
+        ``N(0, 0.02^2)`` (the adapter starts as a no-op); ``False``: all three ~ ``N(0, 1)`` (a
+        non-zero delta).
+      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
+        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
+      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
+        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
+      alpha_pattern: a LoRA field AdaLoRA ignores, as PEFT does.
+      use_dora: must be ``False``: AdaLoRA does not support DoRA (PEFT's rule).
+      lora_bias: PEFT's trainable bias on ``lora_B``: only ``False`` is supported.
+      layer_replication: PEFT's layer duplication: only ``None`` (or empty) is supported.
+      target_parameters: PEFT's ``target_parameters``: only ``None`` (or empty) is supported.
+      trainable_token_indices: PEFT's trainable embedding rows: only ``None`` (or empty) is
+        supported.
+
+    Example:
+
+      >>> cfg = AdaLoraConfig(init_r=6, lora_alpha=8, total_step=100, target_modules=["fc1"])
+      >>> round(cfg.scaling(6, 8), 6)
+      1.333331
     """
 
     peft_type: ClassVar[str] = "ADALORA"
@@ -242,8 +299,8 @@ class AdaLoraConfig(AdapterConfig):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     init_lora_weights: bool | str = True
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
     alpha_pattern: FrozenDict[int | float] = dataclasses.field(default_factory=FrozenDict)
     use_dora: bool = False
     lora_bias: bool = False
@@ -518,7 +575,7 @@ class _Entry:
 
 
 def _adapter_name(leaves, name: str | None) -> str:
-    ada = {}
+    ada: dict[str, Any] = {}
     for l in leaves:
         if is_adapted(l.value):
             for n, s in l.value.specs:
@@ -610,8 +667,28 @@ def adalora_init_state(params, name: str | None = None) -> dict:
     "ipt_unc": {...}, "keep": {module: bool (..., r)}, "has_pattern": bool}`` (``has_pattern``:
     a mask to a budget happened, i.e. PEFT's ``config.rank_pattern`` is set).
 
-    Raises `ConfigError` for a schedule PEFT's allocator cannot run (``beta1`` / ``beta2`` not
-    in (0, 1), a target budget above the initial one).
+    Args:
+      params: a tree carrying the AdaLoRA adapter.
+      name: the AdaLoRA adapter (default: the only one, or the one trainable one).
+
+    Returns:
+      The allocator state (above) to pass to `adalora_update_and_allocate`.
+
+    Raises:
+      AdapterNameError: no AdaLoRA adapter ``name`` (or none, or several trainable ones and
+        no ``name``).
+      ConfigError: a schedule PEFT's allocator cannot run (``beta1`` / ``beta2`` not in
+        (0, 1), a target budget above the initial one, modules that disagree on it).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.AdaLoraConfig(init_r=4, target_r=2, total_step=4, tfinal=1,
+      ...                        target_modules=["fc"], init_lora_weights=False)
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> state = pj.adalora_init_state(p)
+      >>> state["keep"]["fc"].tolist(), state["ipt_avg"]["fc"]["lora_A"].shape
+      ([True, True, True, True], (4, 4))
     """
     name, entries, _, _ = _entries(params, name)
     sched = _one_schedule(name, entries)
@@ -676,6 +753,38 @@ def adalora_update_and_allocate(params, grads, state: dict, step, name: str | No
     ``info``: ``budget``, ``mask_ind`` (the schedule's), ``masked`` (E was masked this step),
     ``threshold`` (NaN unless masked to a budget), ``ranks`` ``{module: kept triplets}``. A
     budget equal to the initial one masks nothing (where PEFT's ``kthvalue(k=0)`` fails).
+
+    Args:
+      params: the params after the optimizer step, carrying the AdaLoRA adapter.
+      grads: the gradients of that step: a tree with the same adapted nodes (the params' or
+        the trainable half's gradients).
+      state: the allocator state (`adalora_init_state`, then this function's).
+      step: the training step (an int, or a traced int32 scalar).
+      name: the AdaLoRA adapter (default: the only one, or the one trainable one).
+
+    Returns:
+      ``(params, state, info)``: params with ``E`` masked, the new state and ``info`` (above).
+
+    Raises:
+      AdapterNameError: no AdaLoRA adapter ``name`` (or no unique one).
+      MergeError: the adapter is merged.
+      ConfigError: modules that disagree on the schedule.
+      ShapeError: a ``state`` that does not fit the params (e.g. from before
+        `adalora_prune`), or ``grads`` without the adapter's gradients.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.AdaLoraConfig(init_r=4, target_r=2, total_step=4, tfinal=1,
+      ...                        target_modules=["fc"], init_lora_weights=False)
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> state = pj.adalora_init_state(p)
+      >>> import jax
+      >>> grads = p  # stand-in gradients with the params' structure (use ``jax.grad``)
+      >>> update = jax.jit(pj.adalora_update_and_allocate)  # one compile, then fast
+      >>> p, state, info = update(p, grads, state, 1)
+      >>> int(info["budget"]), bool(info["masked"]), int(info["ranks"]["fc"])
+      (2, True, 2)
     """
     name, entries, leaves, treedef = _entries(params, name)
     for e in entries:
@@ -710,7 +819,10 @@ def adalora_update_and_allocate(params, grads, state: dict, step, name: str | No
 
     b1, b2 = sched.beta1, sched.beta2
     gnodes = {l.names: l.value for l in walk(grads)[0] if is_adapted(l.value)}
-    avg, unc, scores, arrays_of = {}, {}, {}, {}
+    avg: dict[str, dict[str, Any]] = {}
+    unc: dict[str, dict[str, Any]] = {}
+    scores: dict[str, Any] = {}
+    arrays_of: dict[str, Any] = {}
     for e in entries:
         arrays = leaves[e.index].value.arrays[name]
         g = _grad_arrays(gnodes, e.names, name)
@@ -737,7 +849,7 @@ def adalora_update_and_allocate(params, grads, state: dict, step, name: str | No
     kth = ordered[jnp.clip(n_masked - 1, 0, last)] if every.shape[0] else 0.0
     thr = jnp.where(n_masked >= 1, kth, -jnp.inf).astype(jnp.float32)
 
-    new_state = {"ipt_avg": {}, "ipt_unc": {}, "keep": {}, "has_pattern": None}
+    new_state: dict[str, Any] = {"ipt_avg": {}, "ipt_unc": {}, "keep": {}, "has_pattern": None}
     out_leaves = list(leaves)
     ranks = {}
     for e in entries:
@@ -782,7 +894,27 @@ def adalora_orth_reg(params, name: str | None = None):
     norm is **not** squared); a rank-0 module counts with 0. Differentiable.
 
     PEFT adds ``orth_reg_weight * R`` to the loss (only for a model with a ``task_type``:
-    ``PeftModel`` with ``task_type=None`` never does); add it to yours the same way."""
+    ``PeftModel`` with ``task_type=None`` never does); add it to yours the same way.
+
+    Args:
+      params: a tree carrying the AdaLoRA adapter.
+      name: the AdaLoRA adapter (default: the only one, or the one trainable one).
+
+    Returns:
+      ``R``, a float32 scalar (traceable and differentiable).
+
+    Raises:
+      AdapterNameError: no AdaLoRA adapter ``name`` (or no unique one).
+
+    Example:
+
+      >>> import jax, jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.AdaLoraConfig(init_r=4, total_step=10, target_modules=["fc"])
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> reg = jax.jit(pj.adalora_orth_reg)
+      >>> round(float(reg(p)), 1)  # near-zero A, B: ||0 - I_4||_F = 2
+      2.0
+    """
     name, entries, leaves, _ = _entries(params, name)
     total, count = jnp.float32(0.0), 0
     for e in entries:
@@ -809,7 +941,32 @@ def adalora_rank_pattern(params, state: dict, name: str | None = None, key_map=N
     """The allocator's current rank pattern as PEFT's config holds it: ``{"<PEFT module
     path>.lora_E": [init_r bools]}`` (``key_map`` as `save_pretrained`'s; a stacked weight gives
     one key per layer), or ``None`` before the first mask (PEFT's ``rank_pattern=None``).
-    Concrete values only (outside ``jit``)."""
+    Concrete values only (outside ``jit``).
+
+    Args:
+      params: a tree carrying the AdaLoRA adapter.
+      state: the allocator state (`adalora_update_and_allocate`).
+      name: the AdaLoRA adapter (default: the only one, or the one trainable one).
+      key_map: ``(module_path[, layer]) -> PEFT module path``; default `stacked_key_map()`.
+
+    Returns:
+      ``{"<PEFT module path>.lora_E": [bool, ...]}``, or ``None`` before the first mask.
+
+    Raises:
+      AdapterNameError: no AdaLoRA adapter ``name`` (or no unique one).
+      ShapeError: called under ``jit`` (the state is traced).
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.AdaLoraConfig(init_r=4, target_r=2, total_step=4, tfinal=1,
+      ...                        target_modules=["fc"], init_lora_weights=False)
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> state = {**pj.adalora_init_state(p), "has_pattern": jnp.asarray(True),
+      ...          "keep": {"fc": jnp.array([True, False, True, False])}}
+      >>> pj.adalora_rank_pattern(p, state)
+      {'fc.lora_E': [True, False, True, False]}
+    """
     from .._peft_keys import map_key, stacked_key_map
 
     key_map = key_map or stacked_key_map()
@@ -841,7 +998,33 @@ def adalora_prune(params, state: dict, name: str | None = None):
     what PEFT's ``save_pretrained`` writes after training (sliced tensors, ``rank_pattern``) and
     what its ``from_pretrained`` rebuilds, so `save_pretrained` then writes PEFT's files. The
     scale stays ``alpha / init_r``. Before the first mask (no pattern yet) ``params`` is returned
-    as it is, as PEFT saves it then. Outside ``jit`` only (the shapes change)."""
+    as it is, as PEFT saves it then. Outside ``jit`` only (the shapes change).
+
+    Args:
+      params: a tree carrying the AdaLoRA adapter (never modified).
+      state: the allocator state (`adalora_update_and_allocate`).
+      name: the AdaLoRA adapter (default: the only one, or the one trainable one).
+
+    Returns:
+      A new tree whose AdaLoRA modules hold only the kept triplets.
+
+    Raises:
+      AdapterNameError: no AdaLoRA adapter ``name`` (or no unique one).
+      ShapeError: called under ``jit``; a stacked (scanned) weight, whose layers cannot hold
+        ranks of their own.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> cfg = pj.AdaLoraConfig(init_r=4, target_r=2, total_step=4, tfinal=1,
+      ...                        target_modules=["fc"], init_lora_weights=False)
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((4, 3))}}, cfg, key=0)
+      >>> state = {**pj.adalora_init_state(p), "has_pattern": jnp.asarray(True),
+      ...          "keep": {"fc": jnp.array([True, False, True, False])}}
+      >>> w = pj.adalora_prune(p, state)["fc"]["kernel"]
+      >>> w.spec("default").r, w.arrays["default"]["lora_A"].shape
+      (2, (4, 2))
+    """
     name, entries, leaves, treedef = _entries(params, name)
     if not bool(_concrete(state["has_pattern"], "`adalora_prune`")):
         return rebuild(treedef, leaves)
@@ -883,7 +1066,7 @@ def adalora_prune(params, state: dict, name: str | None = None):
 
 
 #: The functions `peftjax` exports by name (the registry row's ``api``).
-API = {
+API: dict[str, Callable[..., Any]] = {
     "adalora_init_state": adalora_init_state,
     "adalora_update_and_allocate": adalora_update_and_allocate,
     "adalora_orth_reg": adalora_orth_reg,

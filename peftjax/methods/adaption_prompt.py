@@ -50,8 +50,28 @@ def _natural(path: str):
 class AdaptionPromptConfig(AdapterConfig):
     """LLaMA-Adapter: gated prompt attention in the top ``adapter_layers`` attention layers.
 
-    >>> AdaptionPromptConfig(adapter_len=4, adapter_layers=2).target_modules
-    'self_attn'
+    Attributes:
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
+        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
+        written to ``adapter_config.json``.
+      base_model_name_or_path: the base model's name or path; metadata, written to the file.
+      revision: the base model's revision; metadata, written to the file.
+      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
+        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      target_modules: the name of the attention modules to wrap (a str; default ``"self_attn"``,
+        PEFT's Llama default; Llama-style attentions with ``q_proj`` ... ``o_proj`` only).
+      exclude_modules: not a field of PEFT's ``AdaptionPromptConfig`` and not used (the
+        wrapped modules are chosen by ``target_modules`` and ``adapter_layers``); leave it
+        ``None``.
+      modules_to_save: not a field of PEFT's ``AdaptionPromptConfig``; written to the file
+        only when set.
+      adapter_len: the number of adaption-prompt tokens per layer (required).
+      adapter_layers: how many attention layers, from the top, get a prompt (required).
+
+    Example:
+
+      >>> AdaptionPromptConfig(adapter_len=4, adapter_layers=2).target_modules
+      'self_attn'
     """
 
     peft_type: ClassVar[str] = "ADAPTION_PROMPT"

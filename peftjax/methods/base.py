@@ -35,7 +35,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -461,6 +461,13 @@ class RankedConfig:
     PEFT's ``rank_pattern`` / ``alpha_pattern``; `scaling` is theirs."""
 
     alpha_field: ClassVar[str] = "alpha"
+
+    if TYPE_CHECKING:  # the fields and scale of the method configs that mix this in
+        r: int
+        rank_pattern: Any
+        alpha_pattern: Any
+
+        def scaling(self, r: int, alpha: float) -> float: ...
 
     def rank_alpha(self, path: str) -> tuple[int, int | float]:
         r = P.get_pattern_value(path, self.rank_pattern, self.r)

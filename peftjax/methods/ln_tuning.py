@@ -24,8 +24,28 @@ LN_INFIX = "ln_tuning_layers"
 class LNTuningConfig(AdapterConfig):
     """LN tuning: a trainable copy of each targeted normalisation layer.
 
-    >>> LNTuningConfig(target_modules=["input_layernorm"]).method
-    'ln_tuning'
+    Attributes:
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
+        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
+        written to ``adapter_config.json``.
+      base_model_name_or_path: the base model's name or path; metadata, written to the file.
+      revision: the base model's revision; metadata, written to the file.
+      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
+        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      target_modules: the normalisation modules to copy (a regex, or a list of names / dotted
+        suffixes); ``None`` is accepted, but `inject` then raises.
+      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
+        suffixes; ``None`` (or empty): none.
+      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
+        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"norm": {"scale": jnp.ones(4)}},
+      ...               LNTuningConfig(target_modules=["norm"]), key=0)
+      >>> p["norm"]["scale"].arrays["default"]["weight"].tolist()  # a trainable copy
+      [1.0, 1.0, 1.0, 1.0]
     """
 
     peft_type: ClassVar[str] = "LN_TUNING"

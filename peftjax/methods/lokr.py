@@ -39,6 +39,23 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 
     With ``factor > 0`` dividing ``dimension``, ``(factor, dimension // factor)`` (unsorted).
     Otherwise the divisor pair nearest a square whose smaller side does not exceed ``factor``.
+    LoKr splits each weight dimension this way (``LoKrConfig.decompose_factor`` is ``factor``).
+
+    Args:
+      dimension: the size to split (a positive int).
+      factor: the largest allowed smaller factor; ``-1`` (default): no limit.
+
+    Returns:
+      ``(m, n)`` with ``m * n == dimension``.
+
+    Raises:
+      Nothing: PEFT's arithmetic, with no checks of its own (pass positive ints).
+
+    Example:
+
+      >>> import peftjax as pj
+      >>> pj.factorization(768), pj.factorization(768, 8), pj.factorization(12, 5)
+      ((24, 32), (8, 96), (3, 4))
     """
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
@@ -66,8 +83,50 @@ class LoKrConfig(LycorisConfig):
 
     `init_weights` is True (w1 = 0), False (all random) or "lycoris" (w2 = 0).
 
-    >>> LoKrConfig(r=4, alpha=8, decompose_both=False, decompose_factor=-1).method
-    'lokr'
+    Attributes:
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
+        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
+        written to ``adapter_config.json``.
+      base_model_name_or_path: the base model's name or path; metadata, written to the file.
+      revision: the base model's revision; metadata, written to the file.
+      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
+        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      target_modules: the modules to adapt: a regex (full match of the module path),
+        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
+        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
+        per-model default targets.
+      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
+        suffixes; ``None`` (or empty): none.
+      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
+        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      r: the rank of the factors (``rank_pattern`` overrides it per module).
+      alpha: the scale's numerator: ``scaling = alpha / r``.
+      rank_dropout: dropout probability on the rank dimension while training.
+      module_dropout: probability of dropping a module's whole adapter in a training step.
+      use_effective_conv2d: for conv kernels larger than 1x1, PEFT's parameter-effective
+        decomposition (FedPara's Proposition 3).
+      init_weights: ``True`` (``lokr_w1 = 0``), ``False`` (all random) or ``"lycoris"``
+        (``lokr_w2 = 0``).
+      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
+        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
+      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
+        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
+      rank_pattern: ``{module regex: rank}`` overriding ``r`` for the modules it matches (the first
+        matching key wins).
+      alpha_pattern: ``{module regex: alpha}`` overriding ``alpha`` likewise.
+      decompose_both: also factor the left Kronecker matrix ``lokr_w1`` into
+        ``lokr_w1_b @ lokr_w1_a`` (rank ``r``).
+      decompose_factor: the Kronecker factor of each weight dimension (`factorization`'s ``factor``;
+        ``-1``: the divisor pair nearest a square).
+      rank_dropout_scale: whether rank dropout rescales the kept ranks while training.
+
+    Example:
+
+      >>> import jax.numpy as jnp, peftjax as pj
+      >>> p = pj.inject({"fc": {"kernel": jnp.ones((16, 8))}},
+      ...               LoKrConfig(r=2, target_modules=["fc"]), key=0)
+      >>> {k: v.shape for k, v in p["fc"]["kernel"].arrays["default"].items()}
+      {'lokr_w1': (4, 2), 'lokr_w2': (4, 4)}
     """
 
     peft_type: ClassVar[str] = "LOKR"
@@ -132,7 +191,7 @@ class LoKrSpec(Spec):
     method: ClassVar[str] = "lokr"
 
     @property
-    def supports_lora_conversion(self) -> bool:  # type: ignore[override]
+    def supports_lora_conversion(self) -> bool:
         return self.layout.kind == "dense"  # PEFT: the Linear layer only, not Conv2d
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -97,9 +97,64 @@ class LoraConfig(RankedConfig, AdapterConfig):
     `scaling = lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`; `rank_pattern` and
     `alpha_pattern` override r and alpha per module.
 
-    >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    >>> cfg.scaling(cfg.r, cfg.lora_alpha)
-    2.0
+    Attributes:
+      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
+        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
+        written to ``adapter_config.json``.
+      base_model_name_or_path: the base model's name or path; metadata, written to the file.
+      revision: the base model's revision; metadata, written to the file.
+      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
+        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      target_modules: the modules to adapt: a regex (full match of the module path),
+        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
+        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
+        per-model default targets.
+      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
+        suffixes; ``None`` (or empty): none.
+      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
+        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      r: the rank of ``lora_A`` / ``lora_B`` (``rank_pattern`` overrides it per module).
+      lora_alpha: the scale's numerator: ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+        ``use_rslora``).
+      lora_dropout: dropout probability on the adapter's input while training (when `pj.apply` gets
+        an ``rng``).
+      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
+        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
+        ``Conv1D``).
+      bias: PEFT's trainable biases: only ``"none"`` is supported (``"all"`` / ``"lora_only"`` raise
+        `ConfigError`).
+      use_rslora: rank-stabilised LoRA: ``scaling = lora_alpha / sqrt(r)``.
+      init_lora_weights: ``True`` (kaiming-uniform ``lora_A``, zero ``lora_B``: the adapter starts
+        as a no-op), ``"gaussian"`` (normal ``lora_A``, zero ``lora_B``) or ``False`` (both random:
+        a non-zero delta, for tests). PEFT's other initialisations (``"pissa"``, ``"olora"``,
+        ``"loftq"``, ``"eva"``, ``"corda"``...) raise `ConfigError`.
+      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
+        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
+      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
+        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
+      rank_pattern: ``{module regex: rank}`` overriding ``r`` for the modules it matches (the first
+        matching key wins).
+      alpha_pattern: ``{module regex: alpha}`` overriding ``lora_alpha`` likewise.
+      use_dora: DoRA (weight-decomposed LoRA): adds a trainable ``lora_magnitude_vector`` per
+        module.
+      lora_bias: PEFT's trainable bias on ``lora_B``: only ``False`` is supported.
+      layer_replication: PEFT's layer duplication: only ``None`` (or empty) is supported.
+      trainable_token_indices: PEFT's trainable embedding rows: only ``None`` (or empty) is
+        supported.
+      target_parameters: PEFT's ``target_parameters``: dotted paths of parameters adapted directly
+        (``lora.ParamWrapper``), e.g. the ``(experts, in, out)`` kernels of a mixture of experts
+        (see ``parameter_spec``); with ``target_modules=[]`` only these are adapted. Not allowed
+        with ``lora_dropout``, ``use_dora`` or ``fan_in_fan_out``.
+
+    Example:
+
+      >>> cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+      >>> cfg.scaling(cfg.r, cfg.lora_alpha)
+      2.0
+      >>> LoraConfig(r=4, lora_alpha=8, use_rslora=True).scaling(4, 8)  # 8 / sqrt(4)
+      4.0
+      >>> cfg.target_modules  # PEFT's set of names, stored sorted
+      ('q_proj', 'v_proj')
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -140,8 +195,8 @@ class LoraConfig(RankedConfig, AdapterConfig):
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
     init_lora_weights: bool | str = True
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
     rank_pattern: FrozenDict[int] = dataclasses.field(default_factory=FrozenDict)
     alpha_pattern: FrozenDict[int | float] = dataclasses.field(default_factory=FrozenDict)
     use_dora: bool = False
@@ -149,9 +204,10 @@ class LoraConfig(RankedConfig, AdapterConfig):
     lora_bias: bool = False
     layer_replication: None = None
     trainable_token_indices: None = None
-    #: PEFT's ``target_parameters``: parameters adapted directly (``lora.ParamWrapper``), e.g.
-    #: the ``(experts, in, out)`` kernels of a mixture of experts; `parameter_spec`.
-    target_parameters: tuple[str, ...] | None = None
+    # PEFT's ``target_parameters``: parameters adapted directly (``lora.ParamWrapper``), e.g.
+    # the ``(experts, in, out)`` kernels of a mixture of experts; `parameter_spec`. (Documented
+    # in the class's Attributes; a ``#:`` comment would document it a second time in autodoc.)
+    target_parameters: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         self._set("target_parameters", _target_parameters(self.target_parameters))
@@ -301,7 +357,7 @@ class LoraSpec(Spec):
         return f"{'dora' if self.use_dora else 'lora'}(r={self.r})"
 
     @property
-    def supports_lora_conversion(self) -> bool:  # type: ignore[override]
+    def supports_lora_conversion(self) -> bool:
         # PEFT: lora.Linear (its DoRA variant too, whose `get_delta_weight` then drops the
         # magnitude: peftjax refuses DoRA, whose change of W is not `scale * A @ B`); not
         # embeddings, convs or `target_parameters` (lora.ParamWrapper)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import (
@@ -28,8 +29,8 @@ class LycorisConfig(RankedConfig, AdapterConfig):
     module_dropout: float = 0.0
     use_effective_conv2d: bool = False
     init_weights: bool | str = True
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
     rank_pattern: FrozenDict[int] = dataclasses.field(default_factory=FrozenDict)
     alpha_pattern: FrozenDict[int | float] = dataclasses.field(default_factory=FrozenDict)
 

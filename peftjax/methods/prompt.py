@@ -200,7 +200,10 @@ class PromptLearningConfig(AdapterConfig):
 
     @property
     def total_virtual_tokens(self) -> int:
-        return int(self.num_virtual_tokens) * int(self.num_transformer_submodules or 1)
+        n, subs = self.num_virtual_tokens, self.num_transformer_submodules
+        if n is None:
+            raise ConfigError("`num_virtual_tokens` is not set.")
+        return int(n) * int(subs or 1)
 
     def file_config(self, spec: Spec) -> PromptLearningConfig:
         """The config a file holds for ``spec`` (PEFT writes the model's sizes)."""

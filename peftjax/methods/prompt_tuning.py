@@ -51,8 +51,45 @@ def _init_ids(v: Any) -> tuple[int, ...] | None:
 class PromptTuningConfig(PromptLearningConfig):
     """Prompt tuning: ``num_virtual_tokens`` trainable embeddings before the input's.
 
-    >>> PromptTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM").method
-    'prompt_tuning'
+    Attributes:
+      task_type: PEFT's ``task_type``: ``None``, ``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``,
+        ``"TOKEN_CLS"`` or ``"SEQ_CLS"`` (which adds PEFT's classifier heads ``classifier`` and
+        ``score`` to ``modules_to_save``, so the head trains with the prompt).
+      base_model_name_or_path: the base model's name or path; metadata, written to the file.
+      revision: the base model's revision; metadata, written to the file.
+      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
+        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      target_modules: not a PEFT field of prompt-learning configs: the word embedding module, when
+        the tree's is not found by name (written to the file only when set).
+      exclude_modules: not used by prompt learning; leave it ``None``.
+      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
+        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      num_virtual_tokens: the number of virtual tokens (required, > 0).
+      token_dim: the model's hidden size (the word embedding's width); ``None``: read from the word
+        embedding (a given one must match it).
+      num_transformer_submodules: PEFT's count of transformer stacks (2 for encoder-decoder models):
+        only ``None`` or ``1`` (decoder-only and encoder-only models).
+      num_attention_heads: the model's number of attention heads; metadata except for prefix tuning.
+      num_layers: the model's number of layers; metadata except for prefix tuning.
+      prompt_tuning_init: how the virtual tokens start: ``"RANDOM"`` (default), ``"SAMPLE_VOCAB"``
+        (rows of the word embedding drawn at random) or ``"TEXT"`` (the embeddings of
+        ``prompt_tuning_init_ids``, repeated to ``num_virtual_tokens``); any case, stored
+        upper-case.
+      prompt_tuning_init_text: the init text of ``"TEXT"`` (required with it, as in PEFT; peftjax
+        tokenizes nothing).
+      tokenizer_name_or_path: the tokenizer of ``"TEXT"`` (required with it, as in PEFT); metadata.
+      tokenizer_kwargs: keyword arguments of PEFT's tokenizer (only with ``"TEXT"``); metadata.
+      prompt_tuning_init_ids: peftjax only (no PEFT name): the token ids of
+        ``prompt_tuning_init_text`` for ``"TEXT"`` init, at most ``num_virtual_tokens`` of them.
+        Init-time only: not written to files (PEFT keeps only the text) and not part of the config's
+        equality.
+
+    Example:
+
+      >>> PromptTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM").method
+      'prompt_tuning'
+      >>> PromptTuningConfig(num_virtual_tokens=8, task_type="SEQ_CLS").modules_to_save
+      ('classifier', 'score')
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
@@ -64,8 +101,9 @@ class PromptTuningConfig(PromptLearningConfig):
     prompt_tuning_init_text: str | None = None
     tokenizer_name_or_path: str | None = None
     tokenizer_kwargs: Any = None
-    #: peftjax: the token ids of ``prompt_tuning_init_text`` (``"TEXT"`` init). Init-time only:
-    #: not written to files (PEFT keeps only the text) and not part of the config's equality
+    # peftjax: the token ids of ``prompt_tuning_init_text`` (``"TEXT"`` init). Init-time only:
+    # not written to files (PEFT keeps only the text) and not part of the config's equality
+    # (documented in the class's Attributes, so not a ``#:`` comment: autodoc would repeat it)
     prompt_tuning_init_ids: tuple[int, ...] | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,15 +174,15 @@ def init_prompt_rows(config, key, table, n: int, dtype):
             "tokens included, as PEFT tokenizes).",
         )
     if init == "TEXT" and config.prompt_tuning_init_ids is not None:
-        ids = np.asarray(config.prompt_tuning_init_ids)
-        if ids.max() >= table.shape[0]:
+        text_ids: Any = np.asarray(config.prompt_tuning_init_ids)
+        if text_ids.max() >= table.shape[0]:
             raise fail(
                 "prompt_tuning_init_ids",
-                f"<max id {int(ids.max())}>",
+                f"<max id {int(text_ids.max())}>",
                 f"an id is beyond the word embedding's {table.shape[0]} rows.",
             )
-        ids = np.tile(ids, math.ceil(n / len(ids)))[:n]
-        return jnp.asarray(table, jnp.float32)[ids].astype(dtype)
+        text_ids = np.tile(text_ids, math.ceil(n / len(text_ids)))[:n]
+        return jnp.asarray(table, jnp.float32)[text_ids].astype(dtype)
     return jax.random.normal(key, (n, d), dtype)
 
 
