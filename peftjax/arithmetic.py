@@ -57,7 +57,6 @@ all checks happen first, on static information, and name the adapter or module a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -69,92 +68,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._tree import group_modules, rebuild, walk
-from .errors import AdapterNameError, ArgumentTypeError, ConfigError, ShapeError
-from .layout import Layout
-from .methods import COPY, DELTA, DERIVED, modules_to_save_spec
-from .methods.ia3 import IA3Spec
-from .methods.lora import LoraSpec
+from .errors import AdapterNameError, ArgumentTypeError, ConfigError
+from .methods import COPY, DELTA, DERIVED, METHODS, modules_to_save_spec
+from .methods._combine import COMBINATION_TYPES, DENSITY_TYPES, CombineCall, Site
 from .node import Adapted, is_adapted
 from .sharding import place
 from .transforms import _key_arg, adapter_names, check_names, names_arg
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter"]
 
-#: PEFT's ``combination_type`` values.
-COMBINATION_TYPES = (
-    "svd",
-    "linear",
-    "cat",
-    "ties",
-    "ties_svd",
-    "dare_ties",
-    "dare_linear",
-    "dare_ties_svd",
-    "dare_linear_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-_FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
-_DENSITY = frozenset(COMBINATION_TYPES) - {"svd", "linear", "cat"}
 _SIGN_METHODS = ("total", "frequency")
-#: the rule each type reduces to when ``density >= 1`` (PEFT's ``prune`` then does nothing)
-_UNPRUNED = {
-    "dare_linear": "linear",
-    "magnitude_prune": "linear",
-    "dare_ties": "ties",
-    "dare_linear_svd": "svd",
-    "magnitude_prune_svd": "svd",
-    "dare_ties_svd": "ties_svd",
-}
-_METHODS = ("lora", "ia3")
-
-
-def _rule(combination_type: str) -> str:
-    """The merge rule of a combination type (``svd`` is task arithmetic, ``linear``)."""
-    if combination_type == "svd":
-        return "linear"
-    return (
-        combination_type[: -len("_svd")] if combination_type.endswith("_svd") else combination_type
-    )
-
-
-# ------------------------------------------------------------------------ PEFT's merge rules
-
-
-def _magnitude_prune(t, density: float):
-    """PEFT's ``magnitude_based_pruning``: keep the ``int(density * t.size)`` largest |values|."""
-    k = int(density * t.size)
-    flat = t.reshape(-1)
-    if k == 0:
-        return jnp.zeros_like(t)
-    _, idx = jax.lax.top_k(jnp.abs(flat), k)
-    mask = jnp.zeros(flat.shape, t.dtype).at[idx].set(1)
-    return (flat * mask).reshape(t.shape)
-
-
-def _random_prune(t, density: float, key):
-    """PEFT's ``random_pruning`` with rescaling: keep each value with probability ``density``
-    and divide the kept ones by it."""
-    keep = jax.random.bernoulli(key, density, t.shape)
-    return jnp.where(keep, t, jnp.zeros_like(t)) / jnp.asarray(density, t.dtype)
-
-
-def _merge(rule: str, tensors, weights, density, sign_method: str, keys):
-    """PEFT's ``task_arithmetic`` / ``ties`` / ``dare_linear`` / ``dare_ties`` /
-    ``magnitude_prune`` of same-shape ``tensors`` with ``weights`` (one per tensor)."""
-    if rule in ("ties", "magnitude_prune") and density < 1:
-        tensors = [_magnitude_prune(t, density) for t in tensors]
-    elif rule in ("dare_linear", "dare_ties") and density < 1:
-        tensors = [_random_prune(t, density, k) for t, k in zip(tensors, keys)]
-    t = jnp.stack(tensors)
-    w = jnp.asarray(weights, t.dtype).reshape((-1,) + (1,) * (t.ndim - 1))
-    if rule in ("ties", "dare_ties"):
-        sign = jnp.sign(t)
-        votes = t.sum(0) if sign_method == "total" else sign.sum(0)
-        majority = jnp.where(votes >= 0, 1.0, -1.0).astype(t.dtype)
-        mask = (sign == majority).astype(t.dtype)
-        return (t * w * mask).sum(0) / jnp.maximum(mask.sum(0), 1.0)
-    return (t * w).sum(0)
 
 
 # ------------------------------------------------------------------------ argument checks
@@ -249,7 +172,7 @@ def _check_args(
 
 def _check_density(ct: str, density, key):
     """``(density, key)`` checked for the (effective) combination type."""
-    if ct not in _DENSITY:
+    if ct not in DENSITY_TYPES:
         return density, None
     if density is None:
         raise ConfigError(
@@ -279,20 +202,12 @@ def _check_density(ct: str, density, key):
         warnings.warn(
             f"The density {density} is greater than or equal to 1, no pruning will be performed.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=5,  # the caller of add_weighted_adapter (via the combiner and its call)
         )
     return density, key
 
 
 # ------------------------------------------------------------------------ what the tree holds
-
-
-@dataclasses.dataclass
-class _Site:
-    """One weight leaf carrying some of the combined adapters."""
-
-    leaf: object
-    present: list[tuple[int, str]]  # (position in `adapters`, name), in `adapters` order
 
 
 def _survey(leaves, adapters):
@@ -320,19 +235,14 @@ def _survey(leaves, adapters):
                 if spec.role == DELTA:
                     delta.append((i, n))
         if delta:
-            sites.append(_Site(l, delta))
+            sites.append(Site(l, delta))
+    combinable = sorted(m.name for m in METHODS.values() if m.combine is not None)
     for n in adapters:
-        bad = methods[n] - set(_METHODS)
+        bad = {m for m in methods[n] if m not in METHODS or METHODS[m].combine is None}
         if bad:
-            m = sorted(bad)[0]
-            extra = (
-                " (PEFT: AdaLoraModel does not support add_weighted_adapter)"
-                if m == "adalora"
-                else ""
-            )
             raise ConfigError(
-                f"adapter {n!r} is {m}: `add_weighted_adapter` combines LoRA adapters (PEFT's "
-                f"`LoraModel.add_weighted_adapter`) and IA3 adapters (`IA3Model`'s) only{extra}."
+                f"adapter {n!r} is {sorted(bad)[0]}: `add_weighted_adapter` combines adapters of "
+                f"the methods whose PEFT models have it ({', '.join(combinable)}) only."
             )
         if not methods[n]:
             raise ConfigError(f"adapter {n!r} adapts no weight here: there is nothing to combine.")
@@ -363,243 +273,6 @@ def _check_copies(copies, adapters) -> None:
                 f"Cannot add weighted adapters if they target the same module with "
                 f"modules_to_save: adapters {mine} each have a copy of `{l.module}` ({l.name})."
             )
-
-
-def _check_lora(sites, adapters, ct: str, svd_rank) -> int:
-    """PEFT's `_check_add_weighted_adapter` rules for LoRA; the new rank."""
-    ranks: dict[str, int] = {}
-    for s in sites:
-        node = s.leaf.value
-        specs = [(n, node.spec(n)) for _, n in s.present]
-        for n, spec in specs:
-            if not isinstance(spec, LoraSpec):
-                raise ConfigError(f"adapter {n!r} on `{s.leaf.module}` is not a LoRA adapter.")
-            if spec.target_parameter is not None:
-                raise ConfigError(
-                    "add_weighted_adapter does not support targeting nn.Parameter (problematic "
-                    f"adapter {n!r}: `target_parameters` entry {spec.target_parameter!r})."
-                )
-            if spec.use_dora:
-                raise ConfigError(
-                    f"adapter {n!r} is DoRA (on `{s.leaf.module}`): combining DoRA adapters is "
-                    "not supported (PEFT combines only their LoRA factors, drops the magnitude "
-                    "vectors and gives the new adapter the magnitude of a fresh initialisation)."
-                )
-            ranks[n] = max(ranks.get(n, 0), spec.r)
-        layouts = {spec.layout for _, spec in specs}
-        if len(layouts) > 1:
-            raise ShapeError(
-                f"module `{s.leaf.module}`: the adapters read its weight with different layouts "
-                f"{ {n: spec.layout for n, spec in specs} }; they cannot be combined."
-            )
-        if ct in _FACTOR_WISE:
-            rs = {n: spec.r for n, spec in specs}
-            if len(set(rs.values())) > 1:
-                raise ConfigError(
-                    f"combination_type {ct!r} combines the LoRA factors themselves, so the "
-                    f"adapters need the same rank, but on `{s.leaf.module}` they have ranks {rs}; "
-                    "use 'cat' or an '*svd' type."
-                )
-    per_adapter = [ranks[n] for n in adapters]
-    if ct in _FACTOR_WISE:
-        if len(set(per_adapter)) != 1:
-            raise ConfigError(
-                "All adapters must have the same r value when using combination_type linear, "
-                "ties, dare_ties, dare_linear or magnitude_prune; got "
-                f"{dict(zip(adapters, per_adapter))} (each adapter's largest rank)."
-            )
-        return per_adapter[0]
-    if ct == "cat":
-        return sum(per_adapter)
-    return int(svd_rank) if svd_rank is not None else max(per_adapter)  # *svd
-
-
-def _check_ia3(sites) -> None:
-    for s in sites:
-        node = s.leaf.value
-        specs = {n: node.spec(n) for _, n in s.present}
-        ff = {n: sp.feedforward for n, sp in specs.items()}
-        if len(set(ff.values())) > 1:
-            raise ConfigError(
-                f"module `{s.leaf.module}`: IA3 adapters {sorted(ff)} disagree on whether it is a "
-                f"feedforward module ({ff}); their vectors scale different axes."
-            )
-        if len({sp.layout for sp in specs.values()}) > 1:
-            raise ShapeError(f"module `{s.leaf.module}`: the adapters' layouts differ: {specs}.")
-
-
-# ------------------------------------------------------------------------ combining one leaf
-
-
-def _flat_layers(spec, arrays, n: int):
-    """Every array of one adapter as ``(n, *layer shape)`` over the full stack, zeros on the
-    slices the adapter does not store."""
-    st = 1 if spec.compact else spec.layout.stack
-    out = {}
-    for k, v in arrays.items():
-        v = v.reshape((-1, *v.shape[st:]))
-        if spec.compact:
-            full = jnp.zeros((n, *v.shape[1:]), v.dtype)
-            v = full.at[np.asarray(spec.layers)].set(
-                v, indices_are_sorted=True, unique_indices=True
-            )
-        out[k] = v
-    return out
-
-
-def _store(spec, flat: dict, layers):
-    """Full-stack ``(n, ...)`` arrays as the new adapter stores them: only ``layers``
-    (compact) or with the stack axes leading; unstacked: the one layer."""
-    if not spec.layout.stack:
-        return {k: v[0] for k, v in flat.items()}
-    if layers is not None:
-        idx = np.asarray(layers)
-        return {k: v[idx] for k, v in flat.items()}
-    stack = spec.layout.stack_shape(spec.shape)
-    return {k: v.reshape(stack + v.shape[1:]) for k, v in flat.items()}
-
-
-def _weight_table(weights, concrete: bool, scales: np.ndarray):
-    """PEFT's factor weights ``(sign(w s) sqrt|w s|, sqrt|w s|)`` of adapter ``i`` on layer
-    ``l`` (``w_i s_il``, the weight times the scaling): in float64 when the weights are concrete
-    (PEFT computes them in Python), float32 when they are traced."""
-    if concrete:
-        ws = np.asarray(weights, np.float64)[:, None] * scales
-        root = np.sqrt(np.abs(ws))
-        return np.where(ws >= 0, root, -root).astype(np.float32), root.astype(np.float32)
-    w = jnp.stack([jnp.asarray(x, jnp.float32) for x in weights])[:, None]
-    ws = w * jnp.asarray(scales, jnp.float32)
-    root = jnp.sqrt(jnp.abs(ws))
-    return jnp.where(ws >= 0, root, -root), root
-
-
-def _svd_factors(spec: LoraSpec, d, rank: int, clamp, full: bool):
-    """PEFT's SVD step on one layer's combined delta ``d`` (``(in, out)`` matrix view):
-    factors of the torch-layout ``d.T``, ``(A (in or conv kernel, k), B (k, out))``."""
-    m = d.T  # torch (out, in); a conv's (out, in * kh * kw), PEFT's flatten(1)
-    u, s, vh = jnp.linalg.svd(m, full_matrices=full)
-    k = min(rank, s.shape[-1])
-    u = u[:, :k] * s[:k]
-    vh = vh[:k, :]
-    if clamp is not None:
-        hi = jnp.quantile(jnp.concatenate([u.reshape(-1), vh.reshape(-1)]), clamp)
-        u, vh = jnp.clip(u, -hi, hi), jnp.clip(vh, -hi, hi)
-    a = vh.T
-    if spec.layout.kind == "conv":
-        lay = (*spec.layout.spatial(spec.shape), spec.shape[-2], k)
-        a = Layout("conv").from_matrix(a, lay)
-    return a, u.T
-
-
-def _lora_leaf(site, adapters, weights, concrete, ct, rank, opts, key):
-    """The new LoRA adapter's spec on one weight leaf, and the static and array arguments of
-    the `_lora_kernel` that makes its arrays."""
-    node = site.leaf.value
-    specs = tuple(node.spec(n) for _, n in site.present)
-    spec0 = specs[0]
-    n = spec0.n_layers
-    scales = np.asarray([sp.scaling for sp in specs], np.float64)  # (k adapters, n layers)
-    wa, wb = _weight_table([weights[i] for i, _ in site.present], concrete, scales)
-    w32 = jnp.stack([jnp.asarray(weights[i], jnp.float32) for i, _ in site.present])
-    if ct in _FACTOR_WISE:
-        layer_rank = spec0.r
-    elif ct == "cat":
-        layer_rank = rank
-    else:
-        layer_rank = min(rank, *spec0.in_out)
-    keys = None
-    if key is not None:
-        keys = jax.random.split(jax.random.fold_in(key, site.leaf.index), (n, len(specs), 2))
-    layers = sorted(set().union(*(sp.stored_layers for sp in specs)))
-    on = set(layers)
-    ref = _first_spec(adapters, node, specs)
-    new = LoraSpec(
-        layout=spec0.layout,
-        shape=spec0.shape,
-        scaling=tuple(1.0 if i in on else 0.0 for i in range(n)),
-        layers=tuple(layers) if spec0.layout.stack else None,
-        r=int(layer_rank),
-        lora_dropout=ref.lora_dropout,
-        init_weights=ref.init_weights,
-    )
-    dtype = jnp.dtype(node.arrays[site.present[0][1]]["lora_A"].dtype).name
-    static = (ct, specs, new, int(rank), opts, dtype)
-    arrays = [node.arrays[nm] for _, nm in site.present]
-    return new, static, (arrays, wa, wb, w32, keys)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _lora_kernels(statics, args):
-    """`_lora_kernel` of every leaf, compiled as one function."""
-    return [_lora_kernel(st, *a) for st, a in zip(statics, args)]
-
-
-def _lora_kernel(static, arrays, wa, wb, w32, keys):
-    """The new adapter's arrays on one leaf (as `new` stores them), from the adapters' arrays
-    there: PEFT's rule of combination type ``ct`` run on each layer slice."""
-    ct, specs, new, rank, opts, dtype = static
-    density, sign_method, clamp, full = opts
-    rule = _rule(ct)
-    spec0, n = specs[0], specs[0].n_layers
-    flats = [_flat_layers(sp, a, n) for sp, a in zip(specs, arrays)]
-    s32 = jnp.asarray(np.asarray([sp.scaling for sp in specs], np.float32))
-
-    def one_layer(arrs, wa_l, wb_l, s_l, k_l):
-        a_list = [x["lora_A"] for x in arrs]
-        b_list = [x["lora_B"] for x in arrs]
-        if ct == "cat":
-            a = [
-                (a * w32[i].astype(a.dtype)) * s_l[i].astype(a.dtype) for i, a in enumerate(a_list)
-            ]
-            a, b = jnp.concatenate(a, axis=-1), jnp.concatenate(b_list, axis=0)
-            pad = rank - a.shape[-1]
-            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-            b = jnp.pad(b, [(0, pad), (0, 0)])
-            return {"lora_A": a, "lora_B": b}
-        if ct in _FACTOR_WISE:
-            ka = None if k_l is None else k_l[:, 0]
-            kb = None if k_l is None else k_l[:, 1]
-            a = _merge(rule, a_list, wa_l, density, sign_method, ka)
-            b = _merge(rule, b_list, wb_l, density, sign_method, kb)
-            return {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)}
-        deltas = [sp.delta_matrix(x, s_l[i]) for i, (sp, x) in enumerate(zip(specs, arrs))]
-        kd = None if k_l is None else k_l[:, 0]
-        d = _merge(rule, deltas, w32, density, sign_method, kd)
-        a, b = _svd_factors(spec0, d, new.r, clamp, full)
-        return {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)}
-
-    fn = jax.vmap(one_layer, in_axes=(0, 1, 1, 1, None if keys is None else 0))
-    return _store(new, fn(flats, wa, wb, s32, keys), new.layers)
-
-
-def _first_spec(adapters, node, specs):
-    """The spec whose settings (dropout, init) the new adapter takes: the first adapter's."""
-    return node.spec(adapters[0]) if adapters[0] in node.names else specs[0]
-
-
-def _ia3_leaf(site, adapters, weights):
-    node = site.leaf.value
-    specs = [node.spec(n) for _, n in site.present]
-    spec0 = specs[0]
-    n = spec0.n_layers
-    total = None
-    for sp, (i, nm) in zip(specs, site.present):
-        v = _flat_layers(sp, node.arrays[nm], n)["ia3_l"]
-        term = v * jnp.asarray(weights[i], jnp.float32).astype(v.dtype)
-        total = term if total is None else total + term
-    layers = sorted(set().union(*(sp.stored_layers for sp in specs)))
-    on = set(layers)
-    lay = None if not spec0.layout.stack or len(layers) == n else tuple(layers)
-    scaling = tuple(1.0 if i in on else 0.0 for i in range(n)) if spec0.layout.stack else (1.0,)
-    new = IA3Spec(
-        layout=spec0.layout,
-        shape=spec0.shape,
-        scaling=scaling,
-        layers=lay,
-        feedforward=spec0.feedforward,
-        init_weights=_first_spec(adapters, node, specs).init_weights,
-    )
-    return new, _store(new, {"ia3_l": total}, lay)
 
 
 # ------------------------------------------------------------------------ the transform
@@ -685,20 +358,22 @@ def add_weighted_adapter(
     leaves, treedef = walk(params)
     sites, copies, derived, method = _survey(leaves, adapters)
     _check_copies(copies, adapters)
-    if method == "ia3":
-        _check_ia3(sites)
-        new = {s.leaf.index: _ia3_leaf(s, adapters, weights) for s in sites}
-    else:
-        ct = "linear" if len(adapters) == 1 else combination_type
-        rank = _check_lora(sites, adapters, ct, svd_rank)
-        density, key = _check_density(ct, density, key)
-        if density is not None and density >= 1:  # nothing is pruned: the same kernel as
-            ct, key = _UNPRUNED.get(ct, ct), None  # the rule without pruning
-        clamp = None if svd_clamp is None else float(svd_clamp)
-        opts = (density, majority_sign_method, clamp, bool(svd_full_matrices))
-        todo = [_lora_leaf(s, adapters, weights, concrete, ct, rank, opts, key) for s in sites]
-        outs = _lora_kernels(tuple(t[1] for t in todo), [t[2] for t in todo])
-        new = {s.leaf.index: (t[0], o) for s, t, o in zip(sites, todo, outs)}
+    call = CombineCall(
+        sites=sites,
+        adapters=tuple(adapters),
+        weights=weights,
+        concrete=concrete,
+        combination_type=combination_type,
+        svd_rank=svd_rank,
+        svd_clamp=svd_clamp,
+        svd_full_matrices=bool(svd_full_matrices),
+        majority_sign_method=majority_sign_method,
+        check_density=lambda ct: _check_density(ct, density, key),
+    )
+    combine = METHODS[method].combine
+    if combine is None:  # `_survey` refused it already
+        raise ConfigError(f"`add_weighted_adapter` cannot combine {method} adapters.")
+    new = combine(call)
     frozen = any(adapters[0] in l.value.frozen for l in leaves if is_adapted(l.value))
     groups = group_modules(leaves)
     for l in derived:  # IA3 bias markers follow the new vector of their module's weight

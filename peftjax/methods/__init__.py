@@ -27,11 +27,11 @@ from ..layout import Layout
 from .adalora import API as ADALORA_API, AdaLoraConfig, AdaLoraSpec
 from .adaption_prompt import AdaptionPromptConfig, AdaptionPromptSpec
 from .base import COPY, DELTA, DERIVED, PROMPT, Spec
-from .ia3 import IA3BiasSpec, IA3Config, IA3Spec
+from .ia3 import IA3BiasSpec, IA3Config, IA3Spec, combine_ia3
 from .ln_tuning import LN_INFIX, CopySpec, LNTuningConfig
 from .loha import LoHaConfig, LoHaSpec
 from .lokr import LoKrConfig, LoKrSpec, factorization
-from .lora import LoraConfig, LoraSpec
+from .lora import LoraConfig, LoraSpec, combine_lora
 from .multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningSpec
 from .oft import OFTConfig, OFTSpec
 from .p_tuning import PromptEncoderConfig, PromptEncoderSpec
@@ -82,6 +82,9 @@ class Method:
         training-time functions).
       demos: ``{demo name: (config factory (rank) -> config, uses the rank, learning rate)}``
         for ``peftjax demo --method``.
+      combine: the method's combiner for `pj.add_weighted_adapter`
+        (`peftjax.methods._combine.CombineCall` -> ``{leaf index: (spec, arrays)}``), or
+        ``None`` where PEFT has no ``add_weighted_adapter`` for the method.
     """
 
     name: str
@@ -98,6 +101,7 @@ class Method:
     demos: Mapping[str, tuple[Callable[[int], AdapterConfig], bool, float]] = dataclasses.field(
         default_factory=dict
     )
+    combine: Callable[..., dict] | None = None
 
     @property
     def peft_type(self) -> str:
@@ -114,6 +118,7 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
                 "lora",
                 LoraConfig,
                 (LoraSpec,),
+                combine=combine_lora,
                 adapts=("dense", "conv", "embed"),
                 key_suffixes=(
                     "lora_A.weight",
@@ -194,6 +199,7 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
                 "ia3",
                 IA3Config,
                 (IA3Spec, IA3BiasSpec),
+                combine=combine_ia3,
                 adapts=("dense", "conv"),
                 key_suffixes=("ia3_l",),
                 demos={

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 
 from .. import _torch_layout as L, paths as P
 from ..config import AdapterConfig, check_bool, fail, module_names, regex_field
-from ..errors import ConfigError, UnsupportedModuleError
+from ..errors import ConfigError, ShapeError, UnsupportedModuleError
 from ..layout import Layout
+from ._combine import CombineCall, first_spec, flat_layers, store
 from .base import DERIVED, IN, OUT, Spec, one_value, spec_fields
 
 EPS = 1e-8
@@ -241,3 +242,52 @@ class IA3BiasSpec(Spec):
 
     def describe(self) -> str:
         return f"ia3 bias (of {self.owner})"
+
+
+# ------------------------------------------------------------------------ add_weighted_adapter
+
+
+def combine_ia3(call: CombineCall) -> dict[int, tuple[Spec, dict]]:
+    """IA3's combiner (`Method.combine`; PEFT's ``IA3Model.add_weighted_adapter``): on each
+    module the weighted sum ``l = sum_i w_i l_i`` (the combination arguments are unused)."""
+    _check_ia3(call.sites)
+    return {s.leaf.index: _ia3_leaf(s, call.adapters, call.weights) for s in call.sites}
+
+
+def _check_ia3(sites) -> None:
+    for s in sites:
+        node = s.leaf.value
+        specs = {n: node.spec(n) for _, n in s.present}
+        ff = {n: sp.feedforward for n, sp in specs.items()}
+        if len(set(ff.values())) > 1:
+            raise ConfigError(
+                f"module `{s.leaf.module}`: IA3 adapters {sorted(ff)} disagree on whether it is a "
+                f"feedforward module ({ff}); their vectors scale different axes."
+            )
+        if len({sp.layout for sp in specs.values()}) > 1:
+            raise ShapeError(f"module `{s.leaf.module}`: the adapters' layouts differ: {specs}.")
+
+
+def _ia3_leaf(site, adapters, weights):
+    node = site.leaf.value
+    specs = [node.spec(n) for _, n in site.present]
+    spec0 = specs[0]
+    n = spec0.n_layers
+    total = None
+    for sp, (i, nm) in zip(specs, site.present):
+        v = flat_layers(sp, node.arrays[nm], n)["ia3_l"]
+        term = v * jnp.asarray(weights[i], jnp.float32).astype(v.dtype)
+        total = term if total is None else total + term
+    layers = sorted(set().union(*(sp.stored_layers for sp in specs)))
+    on = set(layers)
+    lay = None if not spec0.layout.stack or len(layers) == n else tuple(layers)
+    scaling = tuple(1.0 if i in on else 0.0 for i in range(n)) if spec0.layout.stack else (1.0,)
+    new = IA3Spec(
+        layout=spec0.layout,
+        shape=spec0.shape,
+        scaling=scaling,
+        layers=lay,
+        feedforward=spec0.feedforward,
+        init_weights=first_spec(adapters, node, specs).init_weights,
+    )
+    return new, store(new, {"ia3_l": total}, lay)

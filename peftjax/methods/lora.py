@@ -17,12 +17,14 @@ Arrays of one layer, Flax orientation (``in`` before ``out``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import _torch_layout as L
 from ..config import (
@@ -37,7 +39,19 @@ from ..config import (
     str_seq,
     unsupported,
 )
+from ..errors import ConfigError, ShapeError
 from ..layout import Layout
+from ._combine import (
+    FACTOR_WISE,
+    UNPRUNED,
+    CombineCall,
+    first_spec,
+    flat_layers,
+    merge_tensors,
+    rule_of,
+    store,
+    weight_table,
+)
 from .base import (
     IN,
     OUT,
@@ -644,3 +658,172 @@ class _ExpertRule(L.Rule):
         if self.factor == "A":
             return t.reshape(e, y, x).transpose(0, 2, 1)
         return t.reshape(y, x, e).transpose(2, 1, 0)
+
+
+# ------------------------------------------------------------------------ add_weighted_adapter
+# PEFT's ``LoraModel.add_weighted_adapter`` (`peftjax.arithmetic` has the rules in prose).
+
+
+def combine_lora(call: CombineCall) -> dict[int, tuple[Spec, dict]]:
+    """LoRA's combiner (`Method.combine`): the new adapter's spec and arrays on every site."""
+    ct = "linear" if len(call.adapters) == 1 else call.combination_type
+    rank = _check_lora(call.sites, call.adapters, ct, call.svd_rank)
+    density, key = call.check_density(ct)
+    if density is not None and density >= 1:  # nothing is pruned: the same kernel as
+        ct, key = UNPRUNED.get(ct, ct), None  # the rule without pruning
+    clamp = None if call.svd_clamp is None else float(call.svd_clamp)
+    opts = (density, call.majority_sign_method, clamp, bool(call.svd_full_matrices))
+    todo = [
+        _lora_leaf(s, call.adapters, call.weights, call.concrete, ct, rank, opts, key)
+        for s in call.sites
+    ]
+    outs = _lora_kernels(tuple(t[1] for t in todo), [t[2] for t in todo])
+    return {s.leaf.index: (t[0], o) for s, t, o in zip(call.sites, todo, outs)}
+
+
+def _check_lora(sites, adapters, ct: str, svd_rank) -> int:
+    """PEFT's `_check_add_weighted_adapter` rules for LoRA; the new rank."""
+    ranks: dict[str, int] = {}
+    for s in sites:
+        node = s.leaf.value
+        specs = [(n, node.spec(n)) for _, n in s.present]
+        for n, spec in specs:
+            if not isinstance(spec, LoraSpec):
+                raise ConfigError(f"adapter {n!r} on `{s.leaf.module}` is not a LoRA adapter.")
+            if spec.target_parameter is not None:
+                raise ConfigError(
+                    "add_weighted_adapter does not support targeting nn.Parameter (problematic "
+                    f"adapter {n!r}: `target_parameters` entry {spec.target_parameter!r})."
+                )
+            if spec.use_dora:
+                raise ConfigError(
+                    f"adapter {n!r} is DoRA (on `{s.leaf.module}`): combining DoRA adapters is "
+                    "not supported (PEFT combines only their LoRA factors, drops the magnitude "
+                    "vectors and gives the new adapter the magnitude of a fresh initialisation)."
+                )
+            ranks[n] = max(ranks.get(n, 0), spec.r)
+        layouts = {spec.layout for _, spec in specs}
+        if len(layouts) > 1:
+            raise ShapeError(
+                f"module `{s.leaf.module}`: the adapters read its weight with different layouts "
+                f"{ {n: spec.layout for n, spec in specs} }; they cannot be combined."
+            )
+        if ct in FACTOR_WISE:
+            rs = {n: spec.r for n, spec in specs}
+            if len(set(rs.values())) > 1:
+                raise ConfigError(
+                    f"combination_type {ct!r} combines the LoRA factors themselves, so the "
+                    f"adapters need the same rank, but on `{s.leaf.module}` they have ranks {rs}; "
+                    "use 'cat' or an '*svd' type."
+                )
+    per_adapter = [ranks[n] for n in adapters]
+    if ct in FACTOR_WISE:
+        if len(set(per_adapter)) != 1:
+            raise ConfigError(
+                "All adapters must have the same r value when using combination_type linear, "
+                "ties, dare_ties, dare_linear or magnitude_prune; got "
+                f"{dict(zip(adapters, per_adapter))} (each adapter's largest rank)."
+            )
+        return per_adapter[0]
+    if ct == "cat":
+        return sum(per_adapter)
+    return int(svd_rank) if svd_rank is not None else max(per_adapter)  # *svd
+
+
+def _svd_factors(spec: LoraSpec, d, rank: int, clamp, full: bool):
+    """PEFT's SVD step on one layer's combined delta ``d`` (``(in, out)`` matrix view):
+    factors of the torch-layout ``d.T``, ``(A (in or conv kernel, k), B (k, out))``."""
+    m = d.T  # torch (out, in); a conv's (out, in * kh * kw), PEFT's flatten(1)
+    u, s, vh = jnp.linalg.svd(m, full_matrices=full)
+    k = min(rank, s.shape[-1])
+    u = u[:, :k] * s[:k]
+    vh = vh[:k, :]
+    if clamp is not None:
+        hi = jnp.quantile(jnp.concatenate([u.reshape(-1), vh.reshape(-1)]), clamp)
+        u, vh = jnp.clip(u, -hi, hi), jnp.clip(vh, -hi, hi)
+    a = vh.T
+    if spec.layout.kind == "conv":
+        lay = (*spec.layout.spatial(spec.shape), spec.shape[-2], k)
+        a = Layout("conv").from_matrix(a, lay)
+    return a, u.T
+
+
+def _lora_leaf(site, adapters, weights, concrete, ct, rank, opts, key):
+    """The new LoRA adapter's spec on one weight leaf, and the static and array arguments of
+    the `_lora_kernel` that makes its arrays."""
+    node = site.leaf.value
+    specs = tuple(node.spec(n) for _, n in site.present)
+    spec0 = specs[0]
+    n = spec0.n_layers
+    scales = np.asarray([sp.scaling for sp in specs], np.float64)  # (k adapters, n layers)
+    wa, wb = weight_table([weights[i] for i, _ in site.present], concrete, scales)
+    w32 = jnp.stack([jnp.asarray(weights[i], jnp.float32) for i, _ in site.present])
+    if ct in FACTOR_WISE:
+        layer_rank = spec0.r
+    elif ct == "cat":
+        layer_rank = rank
+    else:
+        layer_rank = min(rank, *spec0.in_out)
+    keys = None
+    if key is not None:
+        keys = jax.random.split(jax.random.fold_in(key, site.leaf.index), (n, len(specs), 2))
+    layers = sorted(set().union(*(sp.stored_layers for sp in specs)))
+    on = set(layers)
+    ref = first_spec(adapters, node, specs)
+    new = LoraSpec(
+        layout=spec0.layout,
+        shape=spec0.shape,
+        scaling=tuple(1.0 if i in on else 0.0 for i in range(n)),
+        layers=tuple(layers) if spec0.layout.stack else None,
+        r=int(layer_rank),
+        lora_dropout=ref.lora_dropout,
+        init_weights=ref.init_weights,
+    )
+    dtype = jnp.dtype(node.arrays[site.present[0][1]]["lora_A"].dtype).name
+    static = (ct, specs, new, int(rank), opts, dtype)
+    arrays = [node.arrays[nm] for _, nm in site.present]
+    return new, static, (arrays, wa, wb, w32, keys)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lora_kernels(statics, args):
+    """`_lora_kernel` of every leaf, compiled as one function."""
+    return [_lora_kernel(st, *a) for st, a in zip(statics, args)]
+
+
+def _lora_kernel(static, arrays, wa, wb, w32, keys):
+    """The new adapter's arrays on one leaf (as `new` stores them), from the adapters' arrays
+    there: PEFT's rule of combination type ``ct`` run on each layer slice."""
+    ct, specs, new, rank, opts, dtype = static
+    density, sign_method, clamp, full = opts
+    rule = rule_of(ct)
+    spec0, n = specs[0], specs[0].n_layers
+    flats = [flat_layers(sp, a, n) for sp, a in zip(specs, arrays)]
+    s32 = jnp.asarray(np.asarray([sp.scaling for sp in specs], np.float32))
+
+    def one_layer(arrs, wa_l, wb_l, s_l, k_l):
+        a_list = [x["lora_A"] for x in arrs]
+        b_list = [x["lora_B"] for x in arrs]
+        if ct == "cat":
+            a = [
+                (a * w32[i].astype(a.dtype)) * s_l[i].astype(a.dtype) for i, a in enumerate(a_list)
+            ]
+            a, b = jnp.concatenate(a, axis=-1), jnp.concatenate(b_list, axis=0)
+            pad = rank - a.shape[-1]
+            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+            b = jnp.pad(b, [(0, pad), (0, 0)])
+            return {"lora_A": a, "lora_B": b}
+        if ct in FACTOR_WISE:
+            ka = None if k_l is None else k_l[:, 0]
+            kb = None if k_l is None else k_l[:, 1]
+            a = merge_tensors(rule, a_list, wa_l, density, sign_method, ka)
+            b = merge_tensors(rule, b_list, wb_l, density, sign_method, kb)
+            return {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)}
+        deltas = [sp.delta_matrix(x, s_l[i]) for i, (sp, x) in enumerate(zip(specs, arrs))]
+        kd = None if k_l is None else k_l[:, 0]
+        d = merge_tensors(rule, deltas, w32, density, sign_method, kd)
+        a, b = _svd_factors(spec0, d, new.r, clamp, full)
+        return {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)}
+
+    fn = jax.vmap(one_layer, in_axes=(0, 1, 1, 1, None if keys is None else 0))
+    return store(new, fn(flats, wa, wb, s32, keys), new.layers)
