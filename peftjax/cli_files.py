@@ -41,7 +41,6 @@ import shutil
 import stat
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -53,7 +52,7 @@ from .errors import FormatError, MergeError
 try:  # POSIX; without it (Windows) merges to one --out are not guarded against each other
     import fcntl
 except ImportError:  # pragma: no cover
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -377,9 +376,9 @@ def merge_checkpoint(
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would be --out's mode
         done_mods: set[str] = set()
         done_repl: set[str] = set()
-        t0 = time.perf_counter()
+        bar = _ShardBar(len(files)) if progress else None
         try:
-            for i, fname in enumerate(files, 1):
+            for fname in files:
                 mods = {m for m, f in where.items() if f == fname}
                 _merge_shard(
                     base / fname,
@@ -394,8 +393,8 @@ def merge_checkpoint(
                 )
                 done_mods |= mods
                 gc.collect()  # free this shard before reading the next one
-                if progress:
-                    _bar(i, len(files), time.perf_counter() - t0)
+                if bar is not None:
+                    bar.advance()
             missing = sorted(set(replace) - done_repl)
             if missing:
                 raise FormatError(
@@ -419,8 +418,8 @@ def merge_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
-            if progress:
-                sys.stderr.write("\n")
+            if bar is not None:
+                bar.stop(failed=sys.exc_info()[0] is not None)
     return {
         "shards": len(files),
         "modules": len(done_mods),
@@ -433,8 +432,8 @@ def merge_checkpoint(
 def _index_bytes(raw: bytes | None, index: dict | None, headers: dict, resized: dict):
     """The output index: the input's bytes, or with ``metadata.total_size`` recomputed when the
     adapter's base-layer weights change tensor sizes."""
-    if raw is None:
-        return None
+    if raw is None or index is None:
+        return raw
     meta = index.get("metadata")
     if not resized or not isinstance(meta, dict) or "total_size" not in meta:
         return raw
@@ -455,7 +454,9 @@ def _resized_config(path: Path, resized: dict, roots) -> bytes | None:
         _, cfg = _json_file(path, f"`{CONFIG_NAME}` of `--base`", roots)
     except FormatError:
         return None  # not ours to judge: copied as it is
-    vocab = cfg.get("vocab_size") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict):
+        return None
+    vocab = cfg.get("vocab_size")
     if not isinstance(vocab, int):
         return None
     new = {new[0] for old, new, _ in resized.values() if len(old) == 2 and old[0] == vocab}
@@ -568,10 +569,32 @@ def _as_holder_only(group: dict) -> dict:
     }
 
 
-def _bar(i: int, n: int, dt: float, width: int = 24) -> None:
-    done = int(width * i / n)
-    sys.stderr.write(f"\r[{'#' * done}{'-' * (width - done)}] shard {i}/{n}  {dt:6.1f} s")
-    sys.stderr.flush()
+class _ShardBar:
+    """``merge``'s progress over the shards: a `rich.progress` bar on the current `sys.stderr`
+    (off a terminal, rich prints it once, when it stops)."""
+
+    def __init__(self, n: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+        self.progress = Progress(
+            "shard",
+            MofNCompleteColumn(),
+            BarColumn(bar_width=24),
+            TimeElapsedColumn(),
+            console=Console(file=sys.stderr),
+        )
+        self.task = self.progress.add_task("merge", total=n)
+        self.progress.start()
+
+    def advance(self) -> None:
+        self.progress.advance(self.task)
+
+    def stop(self, failed: bool = False) -> None:
+        """Stop the bar; after an error it vanishes (the error is the one line printed)."""
+        if failed:
+            self.progress.live.transient = True
+        self.progress.stop()
 
 
 # ------------------------------------------------------------------------------------ commands

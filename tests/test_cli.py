@@ -258,12 +258,27 @@ def test_demo_trains_merges_and_saves(tmp_path):
         seq=32,
         out=str(tmp_path / "a"),
         print_fn=lambda *a: None,
+        progress=False,
     )
     assert res["loss_after"] < res["loss_before"] - 0.3
-    assert res["merge_diff"] < 1e-3 and res["moved"] > 0.1
-    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
-    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+    assert res["merge_diff"] < 1e-3 and res["moved"] > 0.1 and res["reload_diff"] < 1e-4
+    for name in ("A", "B"):  # PEFT's layout for named adapters: <out>/<name>/
+        assert (tmp_path / "a" / name / "adapter_model.safetensors").exists()
+        cfg = json.loads((tmp_path / "a" / name / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == "LORA" and cfg["r"] == 4
+
+
+@pytest.mark.slow
+def test_demo_cli_exits_0_and_reports_progress(tmp_path, capsys):
+    """`peftjax demo` end to end: exit 0, the loss table and samples on stdout, the training
+    bars on stderr (one finished line per adapter off a terminal); ``--no-progress``: none."""
+    argv = ["demo", "--steps", "20", "--out", str(tmp_path / "a")]
+    assert cli.main(argv) == 0
+    cap = capsys.readouterr()
+    assert "held-out loss" in cap.out and "[A (verse)]" in cap.out and "[B (sums)]" in cap.out
+    assert "A (verse)" in cap.err and "B (sums)" in cap.err and "step   20/20" in cap.err
+    assert cli.main(["demo", "--steps", "2", "--no-save", "--no-progress"]) in (0, 1)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
@@ -271,17 +286,26 @@ def test_demo_trains_merges_and_saves(tmp_path):
 def test_demo_trains_prompt_methods(tmp_path, method):
     """`peftjax demo --method prompt_tuning` / `prefix_tuning`: the loss falls, nothing merges,
     and PEFT's files are written."""
-    from peftjax.demo import run
+    from peftjax.demo import demo_ok, run
 
     lines = []
     res = run(
-        method=method, steps=30, batch=8, seq=32, out=str(tmp_path / "a"), print_fn=lines.append
+        method=method,
+        steps=30,
+        batch=8,
+        seq=32,
+        out=str(tmp_path / "a"),
+        print_fn=lines.append,
+        progress=False,
     )
     assert res["loss_after"] < res["loss_before"] - 0.3 and res["moved"] > 0.1
     assert res["merged"] is None and any("does not merge" in l for l in lines)
-    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == method.upper()
-    assert set(load_file(tmp_path / "a" / "adapter_model.safetensors")) == {"prompt_embeddings"}
+    assert demo_ok(res)
+    for name in ("A", "B"):
+        cfg = json.loads((tmp_path / "a" / name / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == method.upper()
+        tensors = load_file(tmp_path / "a" / name / "adapter_model.safetensors")
+        assert set(tensors) == {"prompt_embeddings"}
 
 
 def test_merge_lora_embedding_checkpoint(tmp_path):
@@ -320,15 +344,29 @@ def test_merge_truncated_shard_header_is_a_clear_error(tmp_path, capsys):
 
 def test_demo_progress_writes_to_the_current_stderr(monkeypatch):
     """The bar looks `sys.stderr` up when it is made (a stream bound at import may be closed
-    by then: pytest's capture, a notebook's)."""
+    by then: pytest's capture, a notebook's), and reports the step and loss there."""
     import io
     import sys
 
-    from peftjax.demo import Progress
+    from peftjax.demo import progress_bar
 
     buf = io.StringIO()
     monkeypatch.setattr(sys, "stderr", buf)
-    bar = Progress(4)
-    bar.update(4, 1.0, 128)
-    bar.close()
-    assert "step    4/4" in buf.getvalue()
+    with progress_bar() as bar:
+        task = bar.add_task("A (verse)", total=4, loss=float("nan"), tps=0.0)
+        bar.update(task, completed=4, loss=1.0, tps=128.0)
+    assert "step    4/4" in buf.getvalue() and "loss  1.000" in buf.getvalue()
+
+
+def test_merge_progress_reports_shards_and_quiet_stays_quiet(tmp_path, capsys):
+    """``peftjax merge`` reports its shards on stderr (rich; off a terminal one finished line);
+    ``merge_checkpoint(progress=False)`` writes nothing there."""
+    from peftjax.cli_files import merge_checkpoint
+
+    base = _checkpoint(tmp_path, "llama_lora", 3)
+    argv = ["merge", "--base", str(base), "--adapter", str(FIX / "llama_lora")]
+    assert cli.main([*argv, "--out", str(tmp_path / "o1")]) == 0
+    err = capsys.readouterr().err
+    assert "shard 3/3" in err and "\r" not in err
+    merge_checkpoint(base, FIX / "llama_lora", tmp_path / "o2", progress=False)
+    assert capsys.readouterr().err == ""
