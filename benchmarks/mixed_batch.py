@@ -56,6 +56,84 @@ def _with_random_b(p, seed):
     return jax.tree_util.tree_map(fix, p, is_leaf=lambda x: isinstance(x, pj.Adapted))
 
 
+def measure(
+    layers=4,
+    seq=32,
+    batch=64,
+    ks=(1, 4, 16, 64),
+    rounds=7,
+    targets="attention",
+    hidden=512,
+    inter=1376,
+    heads=8,
+    vocab=1024,
+    log=print,
+):
+    """One dict per K: tokens/s of mixed / loop / merge / base, their median times and the
+    compiled FLOPs of the mixed and base forwards (used by ``main`` and ``run.py``)."""
+    from transformers import FlaxLlamaForCausalLM
+
+    cfg = llama_config(hidden=hidden, inter=inter, layers=layers, heads=heads, vocab=vocab)
+    model = FlaxLlamaForCausalLM(cfg, seed=0, input_shape=(1, 8))
+    base = model.params
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)))
+    tgt = list(ATTN) if targets == "attention" else "all-linear"
+    lora = pj.LoraConfig(r=8, lora_alpha=16, target_modules=tgt)
+
+    def fwd(p, x):
+        return model(x, params=p).logits
+
+    apply_fwd = jax.jit(pj.apply(fwd))
+    base_fwd = jax.jit(fwd)
+    merge = jax.jit(pj.merge_and_unload)
+    singles = [
+        _with_random_b(pj.inject(base, lora, key=jax.random.key(i)), i) for i in range(max(ks))
+    ]
+    base_c = compile_fn(fwd, base, ids)
+    out, fl_base = [], flops(base_c)
+    for k in ks:
+        multi = _multi(singles[:k])  # k adapters a0 .. a{k-1} in one tree
+        which = np.arange(batch) % k
+        mixed_ids = jnp.asarray(which, jnp.int32)
+        mixed = jax.jit(lambda p, x, i: pj.apply(fwd, adapter_ids=i)(p, x))
+        groups = [np.nonzero(which == j)[0] for j in range(k)]
+        sub = [ids[g] for g in groups]
+        mixed_c = compile_fn(mixed, multi, ids, mixed_ids)  # timed and analysed: compiled once
+        fl_mixed = flops(mixed_c)
+
+        def run_mixed(multi=multi, mixed_c=mixed_c, mixed_ids=mixed_ids):
+            mixed_c(multi, ids, mixed_ids).block_until_ready()
+
+        def run_loop(k=k, sub=sub):
+            outs = [apply_fwd(singles[j], sub[j]) for j in range(k)]
+            jax.block_until_ready(outs)
+
+        def run_merge(k=k, sub=sub):
+            outs = [base_fwd(merge(singles[j]), sub[j]) for j in range(k)]
+            jax.block_until_ready(outs)
+
+        def run_base():
+            base_c(base, ids).block_until_ready()
+
+        fns = {"mixed": run_mixed, "loop": run_loop, "merge": run_merge, "base": run_base}
+        med, mn, _ = round_robin(fns, rounds, warmup=1)
+        tok = batch * seq
+        out.append(
+            {
+                "k": k,
+                "tokens": tok,
+                "med": med,
+                "min": mn,
+                "tok_s": {n: tok / t for n, t in med.items()},
+                "flops_mixed": fl_mixed,
+                "flops_base": fl_base,
+            }
+        )
+        if log:
+            log(f"K={k}: " + ", ".join(f"{n} {tok / t:.0f} tok/s" for n, t in med.items()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -67,57 +145,13 @@ def main() -> None:
     layers, seq = (2, 16) if args.quick else (4, 32)
     batch = 64
     rounds = args.rounds or (3 if args.quick else 7)
-    from transformers import FlaxLlamaForCausalLM
-
-    cfg = llama_config(layers=layers)
-    model = FlaxLlamaForCausalLM(cfg, seed=0, input_shape=(1, 8))
-    base = model.params
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, seq)))
-    targets = list(ATTN) if args.targets == "attention" else "all-linear"
-    lora = pj.LoraConfig(r=8, lora_alpha=16, target_modules=targets)
-
-    def fwd(p, x):
-        return model(x, params=p).logits
-
-    apply_fwd = jax.jit(pj.apply(fwd))
-    base_fwd = jax.jit(fwd)
-    merge = jax.jit(pj.merge_and_unload)
-    ks = (1, 4, 16, 64)
-    singles = [
-        _with_random_b(pj.inject(base, lora, key=jax.random.key(i)), i) for i in range(max(ks))
-    ]
-    rows, fl_base = [], flops(compile_fn(base_fwd, base, ids))
-    base_t = None
-    for k in ks:
-        multi = _multi(singles[:k])  # k adapters a0 .. a{k-1} in one tree
-        which = np.arange(batch) % k
-        mixed_ids = jnp.asarray(which, jnp.int32)
-        mixed = jax.jit(lambda p, x, i: pj.apply(fwd, adapter_ids=i)(p, x))
-        groups = [np.nonzero(which == j)[0] for j in range(k)]
-        sub = [ids[g] for g in groups]
-        fl_mixed = flops(compile_fn(mixed, multi, ids, mixed_ids))
-
-        def run_mixed(multi=multi, mixed=mixed, mixed_ids=mixed_ids):
-            mixed(multi, ids, mixed_ids).block_until_ready()
-
-        def run_loop(k=k, sub=sub):
-            outs = [apply_fwd(singles[j], sub[j]) for j in range(k)]
-            jax.block_until_ready(outs)
-
-        def run_merge(k=k, sub=sub):
-            outs = [base_fwd(merge(singles[j]), sub[j]) for j in range(k)]
-            jax.block_until_ready(outs)
-
-        def run_base():
-            base_fwd(base, ids).block_until_ready()
-
-        fns = {"mixed": run_mixed, "loop": run_loop, "merge": run_merge, "base": run_base}
-        med, mn, _ = round_robin(fns, rounds, warmup=1)
-        base_t = med["base"]
-        tok = batch * seq
+    res = measure(layers=layers, seq=seq, batch=batch, rounds=rounds, targets=args.targets)
+    rows = []
+    for r in res:
+        med, tok = r["med"], r["tokens"]
         rows.append(
             [
-                k,
+                r["k"],
                 f"{tok / med['mixed']:.0f}",
                 f"{tok / med['loop']:.0f}",
                 f"{tok / med['merge']:.0f}",
@@ -125,10 +159,10 @@ def main() -> None:
                 f"{med['loop'] / med['mixed']:.2f}x",
                 f"{med['merge'] / med['mixed']:.2f}x",
                 f"{(med['mixed'] / med['base'] - 1) * 100:+.0f}%",
-                f"{(fl_mixed / fl_base - 1) * 100:+.1f}%",
+                f"{(r['flops_mixed'] / r['flops_base'] - 1) * 100:+.1f}%",
             ]
         )
-        print(rows[-1], flush=True)
+    base_t = res[-1]["med"]["base"]
     print()
     print(machine_info())
     print(

@@ -39,20 +39,16 @@ import peftjax as pj  # noqa: E402
 from peftjax import demo  # noqa: E402
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--curves", default=None, help="write the loss curves to this CSV file")
-    args = ap.parse_args()
-    hidden, inter, layers = (256, 688, 2) if args.quick else (512, 1376, 4)
-    rounds = args.rounds or (4 if args.quick else 10)
+def measure(hidden=512, inter=1376, layers=4, rounds=10, steps=200, batch=16, seq=64):
+    """Compiled memory, frozen-weight bytes, step times and (``steps`` > 0) loss curves of the
+    bf16 / NF4 / int8 rows (used by ``main`` and ``run.py``).
+
+    Returns ``(names, mems, med, mn, curves)``: ``mems[name] = (memory dict, weight bytes)``.
+    """
     text = demo.load_corpus()
     tok = demo.CharTokenizer(text)
     data = tok.encode(text)
     model = demo.TinyLlama(len(tok.chars), hidden=hidden, layers=layers, heads=8, inter=inter)
-    batch, seq = 16, 64
     f32 = model.init(jax.random.key(0), jnp.zeros((1, seq), jnp.int32))
     bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), f32)
     bases = {
@@ -73,31 +69,46 @@ def main() -> None:
         updates, opt_state = opt.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, loss
 
-    jstep = jax.jit(step)
     it = demo.batches(data, batch, seq, 0)
-    xs = [next(it) for _ in range(args.steps)]
+    xs = [next(it) for _ in range(max(steps, 1))]
     x0, y0 = xs[0]
     runs, mems = {}, {}
     for name, base in bases.items():
         params = pj.inject(base, cfg, key=jax.random.key(1))  # same adapter init for every row
         tr, fr = pj.partition(params)
         st = opt.init(tr)
-        mems[name] = (memory(compile_fn(step, tr, fr, st, x0, y0)), demo.weight_bytes(base))
-        runs[name] = (tr, fr, st)
+        exe = compile_fn(step, tr, fr, st, x0, y0)  # timed and analysed: compiled once
+        mems[name] = (memory(exe), demo.weight_bytes(base))
+        runs[name] = (tr, fr, st, exe)
 
     def timed(name):
-        tr, fr, st = runs[name]
-        return lambda: jax.block_until_ready(jstep(tr, fr, st, x0, y0))
+        tr, fr, st, exe = runs[name]
+        return lambda: jax.block_until_ready(exe(tr, fr, st, x0, y0))
 
     med, mn, _ = round_robin({k: timed(k) for k in bases}, rounds, warmup=2)
     curves = {}
-    for name in bases:
-        tr, fr, st = runs[name]
+    for name in bases if steps else ():
+        tr, fr, st, exe = runs[name]
         losses = []
         for x, y in xs:
-            tr, st, loss = jstep(tr, fr, st, x, y)
+            tr, st, loss = exe(tr, fr, st, x, y)
             losses.append(loss)
         curves[name] = np.asarray(jax.device_get(losses), np.float64)
+    return list(bases), mems, med, mn, curves
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--curves", default=None, help="write the loss curves to this CSV file")
+    args = ap.parse_args()
+    hidden, inter, layers = (256, 688, 2) if args.quick else (512, 1376, 4)
+    rounds = args.rounds or (4 if args.quick else 10)
+    batch, seq = 16, 64
+    bases, mems, med, mn, curves = measure(hidden, inter, layers, rounds, args.steps, batch, seq)
+    vocab = len(demo.CharTokenizer(demo.load_corpus()).chars)
     ref = curves["bf16 base"]
 
     def smooth(c):
@@ -134,7 +145,7 @@ def main() -> None:
                 f.write(f"{i + 1}," + ",".join(f"{curves[n][i]:.5f}" for n in bases) + "\n")
     print(machine_info())
     print(
-        f"demo TinyLlama hidden {hidden}, inter {inter}, {layers} layers, vocab {len(tok.chars)}; "
+        f"demo TinyLlama hidden {hidden}, inter {inter}, {layers} layers, vocab {vocab}; "
         f"LoRA r=16 all-linear; batch {batch}x{seq}; {args.steps} steps; median of {rounds} rounds"
     )
     print(

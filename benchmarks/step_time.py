@@ -60,8 +60,8 @@ def _jax_step(loss, opt):
 class JaxRunner:
     """Holds the state of one jax training loop; ``__call__`` runs one blocking step."""
 
-    def __init__(self, loss, trainable, frozen, ids, lr=1e-4):
-        opt = optax.adam(lr)
+    def __init__(self, loss, trainable, frozen, ids, lr=1e-4, opt=None):
+        opt = optax.adam(lr) if opt is None else opt
         self.step = _jax_step(loss, opt)
         trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # own copy: it is donated
         self.t, self.o, self.f, self.ids = trainable, opt.init(trainable), frozen, ids
