@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -251,9 +252,141 @@ def jsonable(v: Any) -> Any:
 # ----------------------------------------------------------------------------- base
 
 
+#: The one description of each config field that several method configs share, by field name
+#: (``"<field>:prompt"``: the prompt-learning configs' variant). A config docstring's
+#: ``Attributes`` entry ``<field>: (shared)`` (or ``(shared: prompt)``) is replaced by it when
+#: the class is made (`AdapterConfig.__init_subclass__`), so `help`, autodoc and the docs
+#: show the full text and the text is written once.
+FIELD_DOCS: Mapping[str, str] = FrozenDict(
+    {
+        "task_type": (
+            'PEFT\'s ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``, '
+            '``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; '
+            "metadata, written to ``adapter_config.json``."
+        ),
+        "task_type:prompt": (
+            'PEFT\'s ``task_type``: ``None``, ``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``, '
+            '``"TOKEN_CLS"`` or ``"SEQ_CLS"`` (which adds PEFT\'s classifier heads ``classifier`` '
+            "and ``score`` to ``modules_to_save``, so the head trains with the prompt)."
+        ),
+        "base_model_name_or_path": (
+            "the base model's name or path; metadata, written to the file."
+        ),
+        "revision": ("the base model's revision; metadata, written to the file."),
+        "inference_mode": (
+            "``True``: `inject` adds the adapter frozen (not trainable, see `pj.set_trainable`). "
+            "`save_pretrained` always writes ``true``, as PEFT does."
+        ),
+        "target_modules": (
+            'the modules to adapt: a regex (full match of the module path), ``"all-linear"``, or '
+            "a list of module names / dotted suffixes (stored sorted and de-duplicated). ``None`` "
+            "is accepted, as in PEFT, but `inject` then raises: peftjax has no per-model default "
+            "targets."
+        ),
+        "target_modules:prompt": (
+            "not a PEFT field of prompt-learning configs: the word embedding module, when the "
+            "tree's is not found by name (written to the file only when set)."
+        ),
+        "exclude_modules": (
+            "modules never adapted: a regex (full match) or a list of names / dotted suffixes; "
+            "``None`` (or empty): none."
+        ),
+        "exclude_modules:prompt": ("not used by prompt learning; leave it ``None``."),
+        "modules_to_save": (
+            "modules (names matched as PEFT matches them) whose whole weights get a trainable "
+            "copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none."
+        ),
+        "fan_in_fan_out": (
+            "accepted, with no effect on peftjax's math: Flax kernels are always ``(in, out)`` "
+            "(it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's "
+            "``Conv1D``)."
+        ),
+        "layers_to_transform": (
+            "adapt only these layer indices (an int or a list), read from the module path "
+            "(``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every "
+            "layer."
+        ),
+        "layers_pattern": (
+            "with ``layers_to_transform``: the name (or names) of the layer list whose index is "
+            'read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT\'s default rule.'
+        ),
+        "num_virtual_tokens": ("the number of virtual tokens (required, > 0)."),
+        "num_transformer_submodules": (
+            "PEFT's count of transformer stacks (2 for encoder-decoder models): only ``None`` or "
+            "``1`` (decoder-only and encoder-only models)."
+        ),
+        "token_dim": (
+            "the model's hidden size (the word embedding's width); ``None``: read from the word "
+            "embedding (a given one must match it)."
+        ),
+        "num_attention_heads": (
+            "the model's number of attention heads; metadata except for prefix tuning."
+        ),
+        "num_layers": ("the model's number of layers; metadata except for prefix tuning."),
+        "rank_pattern": (
+            "``{module regex: rank}`` overriding ``r`` for the modules it matches (the first "
+            "matching key wins)."
+        ),
+    }
+)
+
+_SHARED = re.compile(r"^(\s*)(\w+): \(shared(?:: (\w+))?\)$", re.M)
+_SHARED_GROUP = re.compile(r"^(\s*)\(shared: common( prompt)?\)$", re.M)
+#: the fields `AdapterConfig` gives every config, in its order (``(shared: common)``)
+_COMMON = (
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+)
+_PROMPT_VARIANT = ("task_type", "target_modules", "exclude_modules")
+
+
+def _expand_field_docs(doc: str | None, where: str) -> str | None:
+    """``doc`` with each ``<field>: (shared)`` entry replaced by `FIELD_DOCS`' text, wrapped
+    under the entry (continuation lines two spaces deeper)."""
+    if not doc or "(shared" not in doc:
+        return doc
+
+    def group(m: re.Match) -> str:  # `(shared: common [prompt])`: one entry per common field
+        prompt = m.group(2) is not None
+        return "\n".join(
+            f"{m.group(1)}{f}: (shared{': prompt' if prompt and f in _PROMPT_VARIANT else ''})"
+            for f in _COMMON
+        )
+
+    def entry(m: re.Match) -> str:
+        indent, field, variant = m.group(1), m.group(2), m.group(3)
+        key = f"{field}:{variant}" if variant else field
+        if key not in FIELD_DOCS:
+            raise KeyError(f"{where}: no shared description {key!r} in config.FIELD_DOCS")
+        body = textwrap.wrap(
+            f"{field}: {FIELD_DOCS[key]}",
+            92 - len(indent),
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        return "\n".join([indent + body[0]] + [indent + "  " + b for b in body[1:]])
+
+    return _SHARED.sub(entry, _SHARED_GROUP.sub(group, doc))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdapterConfig:
-    """Fields every PEFT config has. Not used directly: use one of the method configs."""
+    """Fields every PEFT config has. Not used directly: use one of the method configs.
+
+    A subclass's docstring may give a field as ``<field>: (shared)``: its text is then
+    `FIELD_DOCS`' (filled in when the class is made); a line ``(shared: common)`` (or
+    ``(shared: common prompt)``, the prompt-learning variant) stands for the seven fields above
+    (``task_type`` ... ``modules_to_save``).
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = _expand_field_docs(cls.__doc__, cls.__name__)
 
     peft_type: ClassVar[str] = ""
     method: ClassVar[str] = ""

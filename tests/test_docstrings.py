@@ -70,3 +70,24 @@ def test_documented_args_are_the_signature(name):
     params = set(_params(obj))
     assert params <= documented, f"pj.{name}: Args lacks {sorted(params - documented)}"
     assert documented <= params, f"pj.{name}: Args names {sorted(documented - params)}"
+
+
+def test_shared_field_texts_are_filled_in():
+    """``<field>: (shared)`` / ``(shared: common)`` entries become `config.FIELD_DOCS`' texts;
+    an unknown one fails when the class is made."""
+    from peftjax.config import FIELD_DOCS, AdapterConfig
+
+    for name in NAMES:
+        obj = getattr(pj, name)
+        if inspect.isclass(obj) and issubclass(obj, AdapterConfig):
+            doc = inspect.getdoc(obj)
+            assert "(shared" not in doc, name
+            assert "  revision: " + FIELD_DOCS["revision"] in " ".join(doc.split("\n    "))
+    with pytest.raises(KeyError, match="no shared description 'nope'"):
+
+        class Broken(AdapterConfig):
+            """A config.
+
+            Attributes:
+              nope: (shared)
+            """

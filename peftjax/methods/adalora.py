@@ -186,21 +186,7 @@ class AdaLoraConfig(AdapterConfig):
     ``sum(mask)`` triplets (how PEFT loads a pruned adapter).
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: the modules to adapt: a regex (full match of the module path),
-        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
-        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
-        per-model default targets.
-      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
-        suffixes; ``None`` (or empty): none.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      (shared: common)
       target_r: the average rank per module the allocator masks down to.
       init_r: every module's initial rank (the triplets ``lora_A``, ``lora_E``, ``lora_B``).
       tinit: warm-up steps before the first mask.
@@ -219,19 +205,15 @@ class AdaLoraConfig(AdapterConfig):
         PEFT).
       lora_dropout: dropout probability on the adapter's input while training (when `pj.apply` gets
         an ``rng``).
-      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
-        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
-        ``Conv1D``).
+      fan_in_fan_out: (shared)
       bias: PEFT's trainable biases: only ``"none"`` is supported (``"all"`` / ``"lora_only"`` raise
         `ConfigError`).
       use_rslora: a LoRA field AdaLoRA ignores, as PEFT does.
       init_lora_weights: ``True`` (or ``"gaussian"``): ``lora_E = 0`` and ``lora_A``, ``lora_B`` ~
         ``N(0, 0.02^2)`` (the adapter starts as a no-op); ``False``: all three ~ ``N(0, 1)`` (a
         non-zero delta).
-      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
-        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
-      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
-        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
+      layers_to_transform: (shared)
+      layers_pattern: (shared)
       alpha_pattern: a LoRA field AdaLoRA ignores, as PEFT does.
       use_dora: must be ``False``: AdaLoRA does not support DoRA (PEFT's rule).
       lora_bias: PEFT's trainable bias on ``lora_B``: only ``False`` is supported.

@@ -51,13 +51,10 @@ class AdaptionPromptConfig(AdapterConfig):
     """LLaMA-Adapter: gated prompt attention in the top ``adapter_layers`` attention layers.
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      task_type: (shared)
+      base_model_name_or_path: (shared)
+      revision: (shared)
+      inference_mode: (shared)
       target_modules: the name of the attention modules to wrap (a str; default ``"self_attn"``,
         PEFT's Llama default; Llama-style attentions with ``q_proj`` ... ``o_proj`` only).
       exclude_modules: not a field of PEFT's ``AdaptionPromptConfig`` and not used (the

@@ -34,27 +34,11 @@ class IA3Config(AdapterConfig):
     one of the target names (PEFT's rule: a plain set inclusion, not a match).
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: the modules to adapt: a regex (full match of the module path),
-        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
-        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
-        per-model default targets.
-      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
-        suffixes; ``None`` (or empty): none.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      (shared: common)
       feedforward_modules: the targeted modules treated as feedforward: their input is scaled
         (``ia3_l`` of size ``in``) instead of their output; a regex or a list of names, a subset of
         ``target_modules`` when both are lists. ``None``: none.
-      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
-        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
-        ``Conv1D``).
+      fan_in_fan_out: (shared)
       init_ia3_weights: ``True``: the vectors start at 1 (a no-op); ``False``: random normal.
 
     Example:

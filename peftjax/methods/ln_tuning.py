@@ -25,19 +25,14 @@ class LNTuningConfig(AdapterConfig):
     """LN tuning: a trainable copy of each targeted normalisation layer.
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
+      task_type: (shared)
+      base_model_name_or_path: (shared)
+      revision: (shared)
+      inference_mode: (shared)
       target_modules: the normalisation modules to copy (a regex, or a list of names / dotted
         suffixes); ``None`` is accepted, but `inject` then raises.
-      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
-        suffixes; ``None`` (or empty): none.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      exclude_modules: (shared)
+      modules_to_save: (shared)
 
     Example:
 

@@ -84,21 +84,7 @@ class LoKrConfig(LycorisConfig):
     `init_weights` is True (w1 = 0), False (all random) or "lycoris" (w2 = 0).
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: the modules to adapt: a regex (full match of the module path),
-        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
-        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
-        per-model default targets.
-      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
-        suffixes; ``None`` (or empty): none.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      (shared: common)
       r: the rank of the factors (``rank_pattern`` overrides it per module).
       alpha: the scale's numerator: ``scaling = alpha / r``.
       rank_dropout: dropout probability on the rank dimension while training.
@@ -107,12 +93,9 @@ class LoKrConfig(LycorisConfig):
         decomposition (FedPara's Proposition 3).
       init_weights: ``True`` (``lokr_w1 = 0``), ``False`` (all random) or ``"lycoris"``
         (``lokr_w2 = 0``).
-      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
-        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
-      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
-        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
-      rank_pattern: ``{module regex: rank}`` overriding ``r`` for the modules it matches (the first
-        matching key wins).
+      layers_to_transform: (shared)
+      layers_pattern: (shared)
+      rank_pattern: (shared)
       alpha_pattern: ``{module regex: alpha}`` overriding ``alpha`` likewise.
       decompose_both: also factor the left Kronecker matrix ``lokr_w1`` into
         ``lokr_w1_b @ lokr_w1_a`` (rank ``r``).

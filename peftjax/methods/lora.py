@@ -112,29 +112,13 @@ class LoraConfig(RankedConfig, AdapterConfig):
     `alpha_pattern` override r and alpha per module.
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: the modules to adapt: a regex (full match of the module path),
-        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
-        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
-        per-model default targets.
-      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
-        suffixes; ``None`` (or empty): none.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      (shared: common)
       r: the rank of ``lora_A`` / ``lora_B`` (``rank_pattern`` overrides it per module).
       lora_alpha: the scale's numerator: ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
         ``use_rslora``).
       lora_dropout: dropout probability on the adapter's input while training (when `pj.apply` gets
         an ``rng``).
-      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
-        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
-        ``Conv1D``).
+      fan_in_fan_out: (shared)
       bias: PEFT's trainable biases: only ``"none"`` is supported (``"all"`` / ``"lora_only"`` raise
         `ConfigError`).
       use_rslora: rank-stabilised LoRA: ``scaling = lora_alpha / sqrt(r)``.
@@ -142,12 +126,9 @@ class LoraConfig(RankedConfig, AdapterConfig):
         as a no-op), ``"gaussian"`` (normal ``lora_A``, zero ``lora_B``) or ``False`` (both random:
         a non-zero delta, for tests). PEFT's other initialisations (``"pissa"``, ``"olora"``,
         ``"loftq"``, ``"eva"``, ``"corda"``...) raise `ConfigError`.
-      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
-        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
-      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
-        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
-      rank_pattern: ``{module regex: rank}`` overriding ``r`` for the modules it matches (the first
-        matching key wins).
+      layers_to_transform: (shared)
+      layers_pattern: (shared)
+      rank_pattern: (shared)
       alpha_pattern: ``{module regex: alpha}`` overriding ``lora_alpha`` likewise.
       use_dora: DoRA (weight-decomposed LoRA): adds a trainable ``lora_magnitude_vector`` per
         module.

@@ -42,25 +42,12 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
     """Multitask prompt tuning: a shared prompt times each task's ``cols @ rows``.
 
     Attributes:
-      task_type: PEFT's ``task_type``: ``None``, ``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``,
-        ``"TOKEN_CLS"`` or ``"SEQ_CLS"`` (which adds PEFT's classifier heads ``classifier`` and
-        ``score`` to ``modules_to_save``, so the head trains with the prompt).
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: not a PEFT field of prompt-learning configs: the word embedding module, when
-        the tree's is not found by name (written to the file only when set).
-      exclude_modules: not used by prompt learning; leave it ``None``.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
-      num_virtual_tokens: the number of virtual tokens (required, > 0).
-      token_dim: the model's hidden size (the word embedding's width); ``None``: read from the word
-        embedding (a given one must match it).
-      num_transformer_submodules: PEFT's count of transformer stacks (2 for encoder-decoder models):
-        only ``None`` or ``1`` (decoder-only and encoder-only models).
-      num_attention_heads: the model's number of attention heads; metadata except for prefix tuning.
-      num_layers: the model's number of layers; metadata except for prefix tuning.
+      (shared: common prompt)
+      num_virtual_tokens: (shared)
+      token_dim: (shared)
+      num_transformer_submodules: (shared)
+      num_attention_heads: (shared)
+      num_layers: (shared)
       prompt_tuning_init: as prompt tuning's (``"RANDOM"``, ``"TEXT"``), or
         ``"AVERAGE_SOURCE_TASKS"``, ``"EXACT_SOURCE_TASK"``, ``"ONLY_SOURCE_SHARED"``: start from a
         source checkpoint's prompts (``prompt_tuning_init_state_dict_path``).

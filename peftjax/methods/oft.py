@@ -239,21 +239,7 @@ class OFTConfig(AdapterConfig):
     says False; its field default is True). `module_dropout` has no effect, as in PEFT 0.21.
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: the modules to adapt: a regex (full match of the module path),
-        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
-        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
-        per-model default targets.
-      exclude_modules: modules never adapted: a regex (full match) or a list of names / dotted
-        suffixes; ``None`` (or empty): none.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      (shared: common)
       r: the number of rotation blocks per module; ``0`` (default): set by ``oft_block_size``.
         Exactly one of the two is non-zero.
       oft_block_size: the size of each rotation block (``in_features / r``); ``0``: set by ``r``. A
@@ -261,14 +247,10 @@ class OFTConfig(AdapterConfig):
         ``UserWarning``.
       module_dropout: accepted, with no effect (as in PEFT 0.21, which never calls its dropout
         layer).
-      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
-        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
-        ``Conv1D``).
+      fan_in_fan_out: (shared)
       init_weights: ``True``: zeros (``R = I``, a no-op); ``False``: ``N(0, 0.1^2)``, as PEFT.
-      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
-        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
-      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
-        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
+      layers_to_transform: (shared)
+      layers_pattern: (shared)
       coft: constrained OFT: each block is kept within a ball whose radius comes from ``eps`` (call
         `pj.constrain` after each optimizer step).
       eps: COFT's radius (positive with ``coft``).

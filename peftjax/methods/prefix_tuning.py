@@ -52,23 +52,11 @@ class PrefixTuningConfig(PromptLearningConfig):
     """Prefix tuning: per-layer trainable key/value prefixes.
 
     Attributes:
-      task_type: PEFT's ``task_type``: ``None``, ``"CAUSAL_LM"``, ``"FEATURE_EXTRACTION"``,
-        ``"TOKEN_CLS"`` or ``"SEQ_CLS"`` (which adds PEFT's classifier heads ``classifier`` and
-        ``score`` to ``modules_to_save``, so the head trains with the prompt).
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: not a PEFT field of prompt-learning configs: the word embedding module, when
-        the tree's is not found by name (written to the file only when set).
-      exclude_modules: not used by prompt learning; leave it ``None``.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
-      num_virtual_tokens: the number of virtual tokens (required, > 0).
+      (shared: common prompt)
+      num_virtual_tokens: (shared)
       token_dim: the key/value width ``D_kv`` (PEFT's, with grouped-query attention: heads times
         head size of the keys); ``None``: read from the tree's key projections.
-      num_transformer_submodules: PEFT's count of transformer stacks (2 for encoder-decoder models):
-        only ``None`` or ``1`` (decoder-only and encoder-only models).
+      num_transformer_submodules: (shared)
       num_attention_heads: the number of key/value heads; ``None``: filled by ``from_model_config``.
       num_layers: the number of attention layers (one prefix per layer); ``None``: the number of key
         projections in the tree.

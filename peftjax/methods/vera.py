@@ -126,21 +126,14 @@ class VeraConfig(AdapterConfig):
     has no `exclude_modules`: it must stay ``None`` and is not written to the file.
 
     Attributes:
-      task_type: PEFT's ``task_type`` (``"CAUSAL_LM"``, ``"SEQ_CLS"``, ``"SEQ_2_SEQ_LM"``,
-        ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ``"FEATURE_EXTRACTION"``) or ``None``; metadata,
-        written to ``adapter_config.json``.
-      base_model_name_or_path: the base model's name or path; metadata, written to the file.
-      revision: the base model's revision; metadata, written to the file.
-      inference_mode: ``True``: `inject` adds the adapter frozen (not trainable, see
-        `pj.set_trainable`). `save_pretrained` always writes ``true``, as PEFT does.
-      target_modules: the modules to adapt: a regex (full match of the module path),
-        ``"all-linear"``, or a list of module names / dotted suffixes (stored sorted and
-        de-duplicated). ``None`` is accepted, as in PEFT, but `inject` then raises: peftjax has no
-        per-model default targets.
+      task_type: (shared)
+      base_model_name_or_path: (shared)
+      revision: (shared)
+      inference_mode: (shared)
+      target_modules: (shared)
       exclude_modules: not a field of PEFT's ``VeraConfig``: must stay ``None`` (narrow
         ``target_modules`` instead) and is not written to the file.
-      modules_to_save: modules (names matched as PEFT matches them) whose whole weights get a
-        trainable copy, saved with the adapter (e.g. a classifier head); ``None`` (or empty): none.
+      modules_to_save: (shared)
       r: the rank of the shared projections ``vera_A`` / ``vera_B``.
       projection_prng_key: the seed of the shared random projections, in ``[0, 2**32)``; peftjax
         reproduces PEFT's (torch's) draw bit for bit.
@@ -148,16 +141,12 @@ class VeraConfig(AdapterConfig):
         them from the seed).
       vera_dropout: dropout probability on the adapter's input while training.
       d_initial: the initial value of ``vera_lambda_d``.
-      fan_in_fan_out: accepted, with no effect on peftjax's math: Flax kernels are always
-        ``(in, out)`` (it tells PEFT that a torch weight is stored ``(in, out)``, e.g. GPT-2's
-        ``Conv1D``).
+      fan_in_fan_out: (shared)
       bias: PEFT's trainable biases: only ``"none"`` is supported.
       init_weights: ``True``: ``vera_lambda_b = 0`` (a no-op) and ``vera_lambda_d = d_initial``;
         ``False``: ``vera_lambda_b = 1``, ``vera_lambda_d`` random normal.
-      layers_to_transform: adapt only these layer indices (an int or a list), read from the module
-        path (``...layers.<i>...``) or, for a stacked weight, its layer axis; ``None``: every layer.
-      layers_pattern: with ``layers_to_transform``: the name (or names) of the layer list whose
-        index is read (e.g. ``"layers"``, ``"h"``); ``None``: PEFT's default rule.
+      layers_to_transform: (shared)
+      layers_pattern: (shared)
 
     Example:
 
