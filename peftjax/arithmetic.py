@@ -69,7 +69,7 @@ import numpy as np
 
 from ._tree import group_modules, rebuild, walk
 from .errors import AdapterNameError, ArgumentTypeError, ConfigError
-from .methods import COPY, DELTA, DERIVED, METHODS, modules_to_save_spec
+from .methods import DELTA, DERIVED, METHODS, is_modules_to_save, modules_to_save_spec
 from .methods._combine import COMBINATION_TYPES, DENSITY_TYPES, CombineCall, Site
 from .node import Adapted, is_adapted
 from .sharding import place
@@ -260,7 +260,7 @@ def _is_copy(node, name: str) -> bool:
     if name not in node.names:
         return False
     spec = node.spec(name)
-    return spec.role == COPY and spec.method == "modules_to_save"
+    return is_modules_to_save(spec)
 
 
 def _check_copies(copies, adapters) -> None:

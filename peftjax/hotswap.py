@@ -79,7 +79,7 @@ _PEFT_LORA_ONLY = "HF PEFT's hotswap supports LoRA only"
 
 
 def _is_lora(spec: Spec) -> bool:
-    return spec.method == "lora" and spec.role == DELTA
+    return spec.hotswap and spec.role == DELTA
 
 
 def _where(l: Leaf, spec: Spec | None = None, layer: int | None = None) -> str:
@@ -242,7 +242,7 @@ def prepare_hotswap(params, name: str = "default", *, target_rank: int | None = 
             arrays = dict(node.arrays[name])
             arrays[_A] = _like(_pad_rank(arrays[_A], -1, target_rank), arrays[_A])
             arrays[_B] = _like(_pad_rank(arrays[_B], -2, target_rank), arrays[_B])
-            lora_spec: Any = spec  # a `LoraSpec` (checked above): it has a rank `r`
+            lora_spec: Any = spec  # a hotswap spec (checked above): LoRA's, with a rank `r`
             new_spec = dataclasses.replace(lora_spec, r=int(target_rank))
             specs = tuple((n, new_spec if n == name else s) for n, s in node.specs)
             l = dataclasses.replace(

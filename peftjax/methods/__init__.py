@@ -355,6 +355,11 @@ def config_from_dict(d: Mapping[str, Any]) -> AdapterConfig:
     return method_of_peft_type(d.get("peft_type")).config.from_dict(d)
 
 
+def is_modules_to_save(spec: Spec) -> bool:
+    """``spec`` is a ``modules_to_save`` copy (`modules_to_save_spec`), not a method's own."""
+    return isinstance(spec, CopySpec) and spec.kind == "modules_to_save"
+
+
 def modules_to_save_spec(shape: tuple[int, ...]) -> Spec:
     """The spec of a ``modules_to_save`` copy of a leaf (every method has them)."""
     return CopySpec(

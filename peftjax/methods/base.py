@@ -109,6 +109,9 @@ class Spec:
     shared: ClassVar[frozenset[str]] = frozenset()
     #: the forward rule reads the base output ``y`` and so must come first in a chain
     needs_base_output: ClassVar[bool] = False
+    #: `pj.hotswap` can swap another adapter's arrays into this spec's (PEFT's hotswap: LoRA
+    #: only; the rank is padded by `pj.prepare_hotswap`, the scale folded into ``lora_B``)
+    hotswap: ClassVar[bool] = False
     #: rule has a factored matrix forward (`linear_forward`); otherwise the delta is built
     factored: ClassVar[bool] = True
     #: fill value of an array's excluded layer slices in `expand` (default ``0``)

@@ -333,6 +333,7 @@ class LoraSpec(Spec):
     r: int = 8
     use_dora: bool = False
     lora_dropout: float = 0.0
+    hotswap: ClassVar[bool] = True
     init_weights: bool | str = True
     target_parameter: str | None = None
     nest: int = 0
