@@ -327,6 +327,31 @@ FIELD_DOCS: Mapping[str, str] = FrozenDict(
             "``{module regex: rank}`` overriding ``r`` for the modules it matches (the first "
             "matching key wins)."
         ),
+        "r:lycoris": ("the rank of the factors (``rank_pattern`` overrides it per module)."),
+        "alpha:lycoris": ("the scale's numerator: ``scaling = alpha / r``."),
+        "rank_dropout": ("dropout probability on the rank dimension while training."),
+        "module_dropout:lycoris": (
+            "probability of dropping a module's whole adapter in a training step."
+        ),
+        "use_effective_conv2d": (
+            "for conv kernels larger than 1x1, PEFT's parameter-effective decomposition "
+            "(FedPara's Proposition 3)."
+        ),
+        "alpha_pattern:lycoris": ("``{module regex: alpha}`` overriding ``alpha`` likewise."),
+        "prompt_tuning_init_text": (
+            'the init text of ``"TEXT"`` (required with it, as in PEFT; peftjax tokenizes nothing).'
+        ),
+        "tokenizer_name_or_path": (
+            'the tokenizer of ``"TEXT"`` (required with it, as in PEFT); metadata.'
+        ),
+        "tokenizer_kwargs": (
+            'keyword arguments of PEFT\'s tokenizer (only with ``"TEXT"``); metadata.'
+        ),
+        "prompt_tuning_init_ids": (
+            "peftjax only (no PEFT name): the token ids of ``prompt_tuning_init_text`` for "
+            '``"TEXT"`` init, at most ``num_virtual_tokens`` of them. Init-time only: not written '
+            "to files (PEFT keeps only the text) and not part of the config's equality."
+        ),
     }
 )
 

@@ -35,18 +35,17 @@ class LoHaConfig(LycorisConfig):
 
     Attributes:
       (shared: common)
-      r: the rank of the factors (``rank_pattern`` overrides it per module).
-      alpha: the scale's numerator: ``scaling = alpha / r``.
-      rank_dropout: dropout probability on the rank dimension while training.
-      module_dropout: probability of dropping a module's whole adapter in a training step.
-      use_effective_conv2d: for conv kernels larger than 1x1, PEFT's parameter-effective
-        decomposition (FedPara's Proposition 3).
+      r: (shared: lycoris)
+      alpha: (shared: lycoris)
+      rank_dropout: (shared)
+      module_dropout: (shared: lycoris)
+      use_effective_conv2d: (shared)
       init_weights: ``True``: ``hada_w2_b`` starts at zero (the adapter starts as a no-op);
         ``False``: every factor random.
       layers_to_transform: (shared)
       layers_pattern: (shared)
       rank_pattern: (shared)
-      alpha_pattern: ``{module regex: alpha}`` overriding ``alpha`` likewise.
+      alpha_pattern: (shared: lycoris)
 
     Example:
 

@@ -51,14 +51,10 @@ class MultitaskPromptTuningConfig(PromptTuningConfig):
       prompt_tuning_init: as prompt tuning's (``"RANDOM"``, ``"TEXT"``), or
         ``"AVERAGE_SOURCE_TASKS"``, ``"EXACT_SOURCE_TASK"``, ``"ONLY_SOURCE_SHARED"``: start from a
         source checkpoint's prompts (``prompt_tuning_init_state_dict_path``).
-      prompt_tuning_init_text: the init text of ``"TEXT"`` (required with it, as in PEFT; peftjax
-        tokenizes nothing).
-      tokenizer_name_or_path: the tokenizer of ``"TEXT"`` (required with it, as in PEFT); metadata.
-      tokenizer_kwargs: keyword arguments of PEFT's tokenizer (only with ``"TEXT"``); metadata.
-      prompt_tuning_init_ids: peftjax only (no PEFT name): the token ids of
-        ``prompt_tuning_init_text`` for ``"TEXT"`` init, at most ``num_virtual_tokens`` of them.
-        Init-time only: not written to files (PEFT keeps only the text) and not part of the config's
-        equality.
+      prompt_tuning_init_text: (shared)
+      tokenizer_name_or_path: (shared)
+      tokenizer_kwargs: (shared)
+      prompt_tuning_init_ids: (shared)
       prompt_tuning_init_state_dict_path: the source checkpoint of the ``*SOURCE*`` inits: a
         ``.safetensors`` file (peftjax never loads pickles).
       prompt_tuning_init_task: the source task of ``"EXACT_SOURCE_TASK"`` (an int >= 0).

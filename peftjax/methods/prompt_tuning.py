@@ -62,14 +62,10 @@ class PromptTuningConfig(PromptLearningConfig):
         (rows of the word embedding drawn at random) or ``"TEXT"`` (the embeddings of
         ``prompt_tuning_init_ids``, repeated to ``num_virtual_tokens``); any case, stored
         upper-case.
-      prompt_tuning_init_text: the init text of ``"TEXT"`` (required with it, as in PEFT; peftjax
-        tokenizes nothing).
-      tokenizer_name_or_path: the tokenizer of ``"TEXT"`` (required with it, as in PEFT); metadata.
-      tokenizer_kwargs: keyword arguments of PEFT's tokenizer (only with ``"TEXT"``); metadata.
-      prompt_tuning_init_ids: peftjax only (no PEFT name): the token ids of
-        ``prompt_tuning_init_text`` for ``"TEXT"`` init, at most ``num_virtual_tokens`` of them.
-        Init-time only: not written to files (PEFT keeps only the text) and not part of the config's
-        equality.
+      prompt_tuning_init_text: (shared)
+      tokenizer_name_or_path: (shared)
+      tokenizer_kwargs: (shared)
+      prompt_tuning_init_ids: (shared)
 
     Example:
 
