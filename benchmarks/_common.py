@@ -101,12 +101,15 @@ def randomize_lora_b(params, key, scale=0.02):
 # ------------------------------------------------------------------------------------ nnx model
 
 
-def nnx_llama(hidden=512, inter=1376, layers=4, heads=8, vocab=1024, lora_rank=None, seed=0):
-    """A small Llama-style nnx model; q/k/v/o are ``nnx.LoRALinear`` when ``lora_rank``."""
+def nnx_llama(
+    hidden=512, inter=1376, layers=4, heads=8, vocab=1024, lora_rank=None, seed=0, lora_targets=ATTN
+):
+    """A small Llama-style nnx model; the ``lora_targets`` projections (default q/k/v/o) are
+    ``nnx.LoRALinear`` when ``lora_rank``."""
     from flax import nnx
 
-    def lin(i, o, rngs, lora=False):
-        if lora and lora_rank:
+    def lin(i, o, rngs, name=None):
+        if name in lora_targets and lora_rank:
             return nnx.LoRALinear(i, o, lora_rank=lora_rank, use_bias=False, rngs=rngs)
         return nnx.Linear(i, o, use_bias=False, rngs=rngs)
 
@@ -128,10 +131,10 @@ def nnx_llama(hidden=512, inter=1376, layers=4, heads=8, vocab=1024, lora_rank=N
 
     class Attention(nnx.Module):
         def __init__(self, rngs):
-            self.q_proj = lin(hidden, hidden, rngs, True)
-            self.k_proj = lin(hidden, hidden, rngs, True)
-            self.v_proj = lin(hidden, hidden, rngs, True)
-            self.o_proj = lin(hidden, hidden, rngs, True)
+            self.q_proj = lin(hidden, hidden, rngs, "q_proj")
+            self.k_proj = lin(hidden, hidden, rngs, "k_proj")
+            self.v_proj = lin(hidden, hidden, rngs, "v_proj")
+            self.o_proj = lin(hidden, hidden, rngs, "o_proj")
 
         def __call__(self, x):
             b, t, d = x.shape
@@ -149,9 +152,9 @@ def nnx_llama(hidden=512, inter=1376, layers=4, heads=8, vocab=1024, lora_rank=N
             self.input_layernorm = RMSNorm(hidden)
             self.self_attn = Attention(rngs)
             self.post_attention_layernorm = RMSNorm(hidden)
-            self.gate_proj = lin(hidden, inter, rngs)
-            self.up_proj = lin(hidden, inter, rngs)
-            self.down_proj = lin(inter, hidden, rngs)
+            self.gate_proj = lin(hidden, inter, rngs, "gate_proj")
+            self.up_proj = lin(hidden, inter, rngs, "up_proj")
+            self.down_proj = lin(inter, hidden, rngs, "down_proj")
 
         def __call__(self, x):
             x = x + self.self_attn(self.input_layernorm(x))

@@ -61,6 +61,10 @@ import peftjax as pj  # noqa: E402
 
 BEGIN, END = "<!-- run.py:begin -->", "<!-- run.py:end -->"
 MLP = ("gate_proj", "up_proj", "down_proj")
+#: the LoRA target sets of the step section: the sweeps use attention; every set is compared
+#: at the sweeps' common point (attention alone once hid a 3x slowdown on MLP targets)
+TARGET_SETS = {"attention": C.ATTN, "mlp": MLP, "all-linear": C.ATTN + MLP}
+ATTN_SET = "attention"
 PJ = "peftjax LoRA"
 FULL = "full fine-tune"
 NAIVE = "naive W + s·A·B"
@@ -212,8 +216,9 @@ def state_bytes(all_bytes, trainable_bytes):
     return all_bytes + 3 * trainable_bytes
 
 
-def _nnx_entries(shp, r, ids, status):
-    """Zero-arg step callables (JaxRunner) of the JAX entries and their analytic state bytes."""
+def _nnx_entries(shp, r, ids, status, targets=C.ATTN):
+    """Zero-arg step callables (JaxRunner) of the JAX entries and their analytic state bytes,
+    LoRA on the projections ``targets``."""
     from flax import nnx
 
     out, state = {}, {}
@@ -228,7 +233,7 @@ def _nnx_entries(shp, r, ids, status):
     state[FULL] = state_bytes(total, total)
 
     gdef_p, st = nnx.split(C.nnx_llama(lora_rank=None, **shp))
-    q = pj.inject(st, C.lora_config(r), key=jax.random.key(1))
+    q = pj.inject(st, C.lora_config(r, targets), key=jax.random.key(1))
     t, f = pj.partition(q)
     fwd_apply = pj.apply(lambda s, x: nnx.merge(gdef_p, s)(x))
 
@@ -245,7 +250,7 @@ def _nnx_entries(shp, r, ids, status):
     state[PJ] = state[NAIVE] = state_bytes(total + tb, tb)
 
     if status["nnx"] is None:
-        m = C.nnx_llama(lora_rank=r, **shp)
+        m = C.nnx_llama(lora_rank=r, lora_targets=targets, **shp)
         gdef_l, lora, rest_l = nnx.split(m, nnx.LoRAParam, ...)
 
         def loss_nnx(lora, rest, ids):
@@ -259,7 +264,7 @@ def _nnx_entries(shp, r, ids, status):
         import qwix
 
         provider = qwix.LoraProvider(
-            module_path=".*(q_proj|k_proj|v_proj|o_proj)", rank=r, alpha=float(2 * r)
+            module_path=f".*({'|'.join(targets)})", rank=r, alpha=float(2 * r)
         )
         qm = qwix.apply_lora_to_model(
             C.nnx_llama(lora_rank=None, **shp), provider, ids, rngs=nnx.Rngs(3)
@@ -293,11 +298,11 @@ def _torch_model(shp, r, targets, seed=0):
     return peft.get_peft_model(model, cfg)
 
 
-def _torch_step(shp, r, ids, threads):
+def _torch_step(shp, r, ids, threads, targets=C.ATTN):
     import torch
 
     torch.set_num_threads(threads)
-    model = _torch_model(shp, r, C.ATTN)
+    model = _torch_model(shp, r, targets)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.01)
@@ -318,20 +323,21 @@ def step_records(sz: Sizes, points, status):
     """One record per (point, entry): median / min seconds, XLA peak, analytic state bytes."""
     recs = []
     ids = C.random_ids(sz.batch, sz.seq, sz.vocab)
-    for width, r in points:
+    for width, r, tset in points:
         shp = shape(width, sz.layers, sz.vocab)
         t0 = time.perf_counter()
-        entries, state = _nnx_entries(shp, r, ids, status)
+        targets = TARGET_SETS[tset]
+        entries, state = _nnx_entries(shp, r, ids, status, targets)
         peak = {}
         for k, runner in entries.items():
             peak[k] = runner.compile()[1]
             runner()
         if status["torch"] is None:
             threads = os.cpu_count() or 1
-            entries[HF], state[HF] = _torch_step(shp, r, ids, threads)
+            entries[HF], state[HF] = _torch_step(shp, r, ids, threads, targets)
             entries[HF]()
             if threads > 1 and sz.torch_1thread:  # OpenMP on a loaded machine: see the notes
-                entries[HF1], state[HF1] = _torch_step(shp, r, ids, 1)
+                entries[HF1], state[HF1] = _torch_step(shp, r, ids, 1, targets)
                 entries[HF1]()
         med, mn, n = C.round_robin(entries, reps=sz.rounds, warmup=1, pause=sz.pause)
         for k in entries:
@@ -340,6 +346,7 @@ def step_records(sz: Sizes, points, status):
                     entry=k,
                     width=width,
                     r=r,
+                    targets=tset,
                     med=med[k],
                     min=mn[k],
                     rounds=n[k],
@@ -348,7 +355,7 @@ def step_records(sz: Sizes, points, status):
                 )
             )
         log(
-            f"[step] width {width} r {r}: "
+            f"[step] width {width} r {r} {tset}: "
             + ", ".join(f"{k} {med[k] * 1e3:.1f} ms" for k in entries)
             + f" ({time.perf_counter() - t0:.0f}s)"
         )
@@ -368,16 +375,15 @@ STEP_HEADERS = [
 ]
 
 
-def _step_rows(recs, sec: Section, status):
+def _step_rows(recs, sec: Section, status, by_targets=False):
+    """One row per record, its ratios to peftjax at the same point (width, rank, targets);
+    ``by_targets``: the entry column names the target set too."""
+    point = lambda x: (x["width"], x["r"], x["targets"])  # noqa: E731
     for rec in recs:
-        ref = next(
-            x
-            for x in recs
-            if x["entry"] == PJ and x["width"] == rec["width"] and x["r"] == rec["r"]
-        )
+        ref = next(x for x in recs if x["entry"] == PJ and point(x) == point(rec))
         sec.rows.append(
             [
-                rec["entry"],
+                f"{rec['entry']} · {rec['targets']}" if by_targets else rec["entry"],
                 rec["r"],
                 rec["width"],
                 f1(rec["med"] * 1e3),
@@ -396,13 +402,17 @@ def _step_rows(recs, sec: Section, status):
 def section_steps(sz: Sizes, status, plots_dir):
     """(a) LoRA fine-tune step time and memory vs rank and vs width, all peers side by side."""
     t0 = time.perf_counter()
-    points = [(sz.rank_width, r) for r in sz.ranks]
-    points += [(w, sz.size_rank) for w in sz.widths if (w, sz.size_rank) not in points]
-    recs = step_records(sz, points, status)
+    points = [(sz.rank_width, r, ATTN_SET) for r in sz.ranks]
+    points += [
+        (w, sz.size_rank, ATTN_SET) for w in sz.widths if (w, sz.size_rank, ATTN_SET) not in points
+    ]
+    points += [(sz.rank_width, sz.size_rank, t) for t in TARGET_SETS if t != ATTN_SET]
+    all_recs = step_records(sz, points, status)
+    recs = [x for x in all_recs if x["targets"] == ATTN_SET]  # the rank and width sweeps
     shp = shape(sz.rank_width, sz.layers, sz.vocab)
     common = (
         f"nnx Llama-style model ({sz.layers} layers, vocab {sz.vocab}, inter ≈ 2.69 × width, "
-        f"heads = width / 64), batch {sz.batch} × seq {sz.seq}, LoRA on q/k/v/o, alpha = 2r, "
+        f"heads = width / 64), batch {sz.batch} × seq {sz.seq}, LoRA on {{targets}}, alpha = 2r, "
         f"AdamW(1e-4, wd 0.01), float32; median / min of {sz.rounds} round-robin rounds after "
         "a compile + first call and one warm-up round. HF PEFT: transformers' LlamaForCausalLM "
         f"with the same shapes, torch.set_num_threads({os.cpu_count()}) (the cores XLA uses; "
@@ -415,12 +425,23 @@ def section_steps(sz: Sizes, status, plots_dir):
     )
     by_rank = Section("step_rank", "(a) fine-tune step vs LoRA rank", STEP_HEADERS)
     _step_rows([x for x in recs if x["width"] == sz.rank_width], by_rank, status)
-    by_rank.notes.append(f"width {sz.rank_width} (hidden {shp['hidden']}). " + common)
+    attn = common.format(targets="q/k/v/o")
+    by_rank.notes.append(f"width {sz.rank_width} (hidden {shp['hidden']}). " + attn)
     by_size = Section("step_size", "(a) fine-tune step vs model width", STEP_HEADERS)
     order = {k: i for i, k in enumerate(x["entry"] for x in recs)}
     at_rank = [x for x in recs if x["r"] == sz.size_rank]
     _step_rows(sorted(at_rank, key=lambda x: (x["width"], order[x["entry"]])), by_size, status)
-    by_size.notes.append(f"r = {sz.size_rank}. " + common)
+    by_size.notes.append(f"r = {sz.size_rank}. " + attn)
+    by_targets = Section("step_targets", "(a) fine-tune step by LoRA target set", STEP_HEADERS)
+    at_point = [x for x in all_recs if x["width"] == sz.rank_width and x["r"] == sz.size_rank]
+    tsets = list(TARGET_SETS)
+    at_point.sort(key=lambda x: (tsets.index(x["targets"]), order[x["entry"]]))
+    _step_rows(at_point, by_targets, status, by_targets=True)
+    sets = "; ".join(f"{k}: {'/'.join(v)}" for k, v in TARGET_SETS.items())
+    by_targets.notes.append(
+        f"width {sz.rank_width}, r = {sz.size_rank}; target sets {sets}. "
+        + common.format(targets="the set's projections")
+    )
     if plots_dir:
         by_rank.plots += [
             _plot_lines(
@@ -459,8 +480,8 @@ def section_steps(sz: Sizes, status, plots_dir):
                 "model width (hidden size)",
             ),
         ]
-    by_rank.seconds = by_size.seconds = time.perf_counter() - t0
-    return [by_rank, by_size], recs
+    by_rank.seconds = by_size.seconds = by_targets.seconds = time.perf_counter() - t0
+    return [by_rank, by_size, by_targets], recs
 
 
 def _naive_merge(params):

@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
-SECTIONS = ("step_rank", "step_size", "merge", "mixed", "qlora", "inference")
+SECTIONS = ("step_rank", "step_size", "step_targets", "merge", "mixed", "qlora", "inference")
 PLOTS = (
     "step_time_vs_rank.png",
     "step_time_vs_size.png",
@@ -105,6 +105,10 @@ def test_quick_run_tables_plots_and_results(tmp_path):
     assert len({r[1] for r in rows if r[0] == "peftjax LoRA"}) >= 2  # at least two ranks
     sizes = {r[2] for r in tables["step_size"][1] if r[0] == "peftjax LoRA"}
     assert len(sizes) >= 2  # at least two widths
+    by_set = {r[0]: r for r in tables["step_targets"][1]}  # "<entry> · <target set>"
+    for tset in ("attention", "mlp", "all-linear"):
+        assert by_set[f"peftjax LoRA · {tset}"][ratio] == "1.00", tset  # its own reference
+        assert f"full fine-tune · {tset}" in by_set and f"naive W + s·A·B · {tset}" in by_set
     for name, mods in (("HF PEFT (torch CPU)", ("torch", "peft")), ("qwix LoRA", ("qwix",))):
         row = next(r for r in rows if r[0] == name)
         if _have(*mods):
